@@ -1,0 +1,590 @@
+"""GPT-2 in one file, to be read top to bottom.
+
+    config -> layers -> model -> generation -> tokenizer -> downloads -> safetensors -> GPT-2 weights
+
+The defaults are OpenAI's GPT-2 exactly (learned positions, tanh GELU, pre-norm LayerNorm, tied
+embeddings); pos_emb="rope" and mlp="swiglu" give the modern variant. Pretrained weights are read
+from Hugging Face's files by hand: no transformers, no pickle.
+"""
+import hashlib
+import json
+import math
+import os
+import struct
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import requests
+import tiktoken
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from tqdm import tqdm
+
+
+# ----------------------------------------------------------------------------- config
+
+@dataclass
+class GPTConfig:
+    block_size: int = 1024     # longest context the model sees
+    vocab_size: int = 50257    # GPT-2's BPE: 50,000 merges + 256 bytes + <|endoftext|>
+    n_layer: int = 12
+    n_head: int = 12
+    n_embd: int = 768
+    dropout: float = 0.0
+    bias: bool = True          # biases in Linear and LayerNorm, as GPT-2 has
+    pos_emb: str = "learned"   # "learned" (GPT-2) | "rope" (rotary, as in Llama)
+    mlp: str = "gelu"          # "gelu" (GPT-2) | "swiglu" (gated, as in Llama)
+
+    def __post_init__(self):
+        if self.n_embd % self.n_head:
+            raise ValueError(f"n_embd={self.n_embd} must be a multiple of n_head={self.n_head}")
+        if self.pos_emb not in ("learned", "rope"):
+            raise ValueError(f"pos_emb={self.pos_emb!r}: expected 'learned' or 'rope'")
+        if self.mlp not in ("gelu", "swiglu"):
+            raise ValueError(f"mlp={self.mlp!r}: expected 'gelu' or 'swiglu'")
+        if self.pos_emb == "rope" and (self.n_embd // self.n_head) % 2:
+            raise ValueError("rope needs an even head size (n_embd // n_head)")
+
+
+# ----------------------------------------------------------------------------- layers
+
+def rope_tables(config, base=10000.0):
+    """cos and sin of every position times every rotary frequency, shape (block_size, head_size)."""
+    head_size = config.n_embd // config.n_head
+    freqs = 1.0 / base ** (torch.arange(0, head_size, 2).float() / head_size)
+    angles = torch.outer(torch.arange(config.block_size).float(), freqs)
+    angles = torch.cat([angles, angles], dim=-1)
+    return angles.cos(), angles.sin()
+
+
+def apply_rope(x, cos, sin):
+    """Rotate each pair (x_i, x_{i+d/2}) by its position's angle: q.k then depends on distance only."""
+    x1, x2 = x.chunk(2, dim=-1)
+    return (x * cos + torch.cat([-x2, x1], dim=-1) * sin).type_as(x)
+
+
+class KVCache:
+    """Keys and values one attention layer has seen, in buffers allocated once per generation."""
+
+    def __init__(self, capacity):
+        self.capacity, self.k, self.v = capacity, None, None
+
+    def update(self, k, v, pos):
+        if self.k is None:
+            shape = (k.size(0), k.size(1), self.capacity, k.size(3))
+            self.k, self.v = k.new_empty(shape), v.new_empty(shape)
+        end = pos + k.size(2)
+        self.k[:, :, pos:end], self.v[:, :, pos:end] = k, v
+        return self.k[:, :, :end], self.v[:, :, :end]
+
+
+class CausalSelfAttention(nn.Module):
+    def __init__(self, config):
+        super().__init__()
+        self.n_head, self.dropout = config.n_head, config.dropout
+        self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd, bias=config.bias)  # q, k, v at once
+        self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
+        self.resid_dropout = nn.Dropout(config.dropout)
+
+    def forward(self, x, rope=None, cache=None, pos=0):
+        B, T, C = x.shape
+        q, k, v = self.c_attn(x).split(C, dim=2)
+        q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v))
+        if rope is not None:
+            q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+        if cache is not None:
+            k, v = cache.update(k, v, pos)
+        dropout = self.dropout if self.training else 0.0
+        S = k.size(2)
+        if S == T:    # the whole sequence at once: the usual causal mask
+            y = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout, is_causal=True)
+        elif T == 1:  # one new token may look at everything cached before it
+            y = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout)
+        else:         # several new tokens after a cached prefix: causal, shifted by the prefix
+            mask = torch.ones(T, S, dtype=torch.bool, device=x.device).tril(diagonal=S - T)
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout)
+        y = y.transpose(1, 2).contiguous().view(B, T, C)
+        return self.resid_dropout(self.c_proj(y))
+
+
+def swiglu_hidden(n_embd):
+    """SwiGLU's width: 8/3 * n_embd keeps the parameter count of a 4x GELU MLP; rounded up to 64."""
+    return 64 * math.ceil(8 * n_embd / 3 / 64)
+
+
+class MLP(nn.Module):
+    def __init__(self, config):
+        super().__init__()
+        self.swiglu = config.mlp == "swiglu"
+        hidden = swiglu_hidden(config.n_embd) if self.swiglu else 4 * config.n_embd
+        # SwiGLU computes its gate and its value in one matmul, then splits them
+        self.c_fc = nn.Linear(config.n_embd, 2 * hidden if self.swiglu else hidden, bias=config.bias)
+        self.c_proj = nn.Linear(hidden, config.n_embd, bias=config.bias)
+        self.dropout = nn.Dropout(config.dropout)
+
+    def forward(self, x):
+        h = self.c_fc(x)
+        if self.swiglu:
+            gate, value = h.chunk(2, dim=-1)
+            h = F.silu(gate) * value
+        else:
+            h = F.gelu(h, approximate="tanh")  # GPT-2's "gelu_new"
+        return self.dropout(self.c_proj(h))
+
+
+class Block(nn.Module):
+    """Pre-norm transformer block: x + attn(ln(x)), then x + mlp(ln(x))."""
+
+    def __init__(self, config):
+        super().__init__()
+        self.ln_1 = nn.LayerNorm(config.n_embd, bias=config.bias)
+        self.attn = CausalSelfAttention(config)
+        self.ln_2 = nn.LayerNorm(config.n_embd, bias=config.bias)
+        self.mlp = MLP(config)
+
+    def forward(self, x, rope=None, cache=None, pos=0):
+        x = x + self.attn(self.ln_1(x), rope, cache, pos)
+        return x + self.mlp(self.ln_2(x))
+
+
+# ----------------------------------------------------------------------------- model
+
+class GPT(nn.Module):
+    def __init__(self, config):
+        super().__init__()
+        self.config = config
+        self.transformer = nn.ModuleDict(dict(
+            wte=nn.Embedding(config.vocab_size, config.n_embd),
+            drop=nn.Dropout(config.dropout),
+            h=nn.ModuleList(Block(config) for _ in range(config.n_layer)),
+            ln_f=nn.LayerNorm(config.n_embd, bias=config.bias),
+        ))
+        if config.pos_emb == "learned":
+            self.transformer.wpe = nn.Embedding(config.block_size, config.n_embd)
+        else:
+            cos, sin = rope_tables(config)
+            self.register_buffer("rope_cos", cos, persistent=False)
+            self.register_buffer("rope_sin", sin, persistent=False)
+        self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
+        self.lm_head.weight = self.transformer.wte.weight  # tied: one matrix reads and writes tokens
+        self.apply(self._init_weights)
+        # GPT-2 scales the layers that write into the residual stream by 1/sqrt(2 * n_layer),
+        # so the stream's variance does not grow with depth (two writes per block)
+        for name, p in self.named_parameters():
+            if name.endswith("c_proj.weight"):
+                nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * config.n_layer))
+
+    def _init_weights(self, module):
+        if isinstance(module, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(module.weight, mean=0.0, std=0.02)
+        if isinstance(module, nn.Linear) and module.bias is not None:
+            nn.init.zeros_(module.bias)
+
+    def num_params(self, non_embedding=True):
+        """Parameters counted once (the tied matrix too); without the position table by default."""
+        n = sum(p.numel() for p in self.parameters())
+        if non_embedding and self.config.pos_emb == "learned":
+            n -= self.transformer.wpe.weight.numel()
+        return n
+
+    def hidden_states(self, idx, caches=None, pos=0):
+        """The final normalized hidden state of every position, (B, T, n_embd)."""
+        T = idx.size(1)
+        if pos + T > self.config.block_size:
+            raise ValueError(f"sequence of {pos + T} tokens is longer than block_size={self.config.block_size}")
+        x = self.transformer.wte(idx)
+        rope = None
+        if self.config.pos_emb == "learned":
+            x = x + self.transformer.wpe(torch.arange(pos, pos + T, device=idx.device))
+        else:
+            rope = self.rope_cos[pos:pos + T], self.rope_sin[pos:pos + T]
+        x = self.transformer.drop(x)
+        for i, block in enumerate(self.transformer.h):
+            x = block(x, rope, None if caches is None else caches[i], pos)
+        return self.transformer.ln_f(x)
+
+    def forward(self, idx, targets=None):
+        """Logits for every position; with targets, also the mean cross-entropy over those != -100."""
+        logits = self.lm_head(self.hidden_states(idx))
+        loss = None
+        if targets is not None:
+            loss = F.cross_entropy(logits.view(-1, logits.size(-1)).float(), targets.view(-1), ignore_index=-100)
+        return logits, loss
+
+    # ------------------------------------------------------------------------- generation
+
+    def context_start(self, length):
+        """Where the context for the next token starts: once a sequence fills the block, the oldest
+        tokens go and the last half block is kept, so the cache can be refilled and used again."""
+        if length <= self.config.block_size:
+            return 0
+        return length - self.config.block_size // 2
+
+    @torch.no_grad()
+    def generate_stream(self, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None, eos_id=None,
+                        use_cache=True):
+        """Yield the next token of every row, shape (B, 1), max_new_tokens times or until all rows
+        have produced eos_id (a finished row then repeats eos_id). With use_cache the prompt runs
+        once and each step feeds one token; without, every step recomputes the whole context, and
+        both give the same tokens."""
+        if max_new_tokens <= 0:
+            raise ValueError(f"max_new_tokens must be positive, got {max_new_tokens}")
+        if temperature < 0:
+            raise ValueError(f"temperature must be >= 0, got {temperature}")
+        if top_p is not None and not 0 < top_p <= 1:
+            raise ValueError(f"top_p must be in (0, 1], got {top_p}")
+        if top_k is not None and top_k <= 0:
+            raise ValueError(f"top_k must be positive, got {top_k}")
+        seq = idx
+        finished = torch.zeros(idx.size(0), dtype=torch.bool, device=idx.device)
+        start, caches = None, None
+        for _ in range(max_new_tokens):
+            new_start = self.context_start(seq.size(1))
+            if not use_cache:
+                h = self.hidden_states(seq[:, new_start:])
+            elif new_start != start:  # first step, or the block is full: (re)fill the cache
+                start = new_start
+                capacity = min(self.config.block_size, seq.size(1) - start + max_new_tokens)
+                caches = [KVCache(capacity) for _ in self.transformer.h]
+                h = self.hidden_states(seq[:, start:], caches)
+            else:
+                h = self.hidden_states(seq[:, -1:], caches, pos=seq.size(1) - 1 - start)
+            logits = self.lm_head(h[:, -1, :]).float()
+            token = sample_next(logits, temperature, top_k, top_p)
+            if eos_id is not None:
+                token = torch.where(finished[:, None], torch.full_like(token, eos_id), token)
+                finished |= token[:, 0] == eos_id
+            seq = torch.cat([seq, token], dim=1)
+            yield token
+            if eos_id is not None and finished.all():
+                return
+
+    @torch.no_grad()
+    def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None, eos_id=None, use_cache=True):
+        """The prompt idx (B, T) followed by the generated tokens; see generate_stream."""
+        tokens = self.generate_stream(idx, max_new_tokens, temperature, top_k, top_p, eos_id, use_cache)
+        return torch.cat([idx, *tokens], dim=1)
+
+
+def sample_next(logits, temperature=1.0, top_k=None, top_p=None):
+    """One token per row from logits (B, vocab): greedy at temperature 0, else sampled from the
+    softmax at that temperature, restricted to the top_k tokens and to the smallest set whose
+    probability reaches top_p (the first token always stays)."""
+    if temperature == 0:
+        return logits.argmax(dim=-1, keepdim=True)
+    logits = logits / temperature
+    if top_k is not None:
+        kth = torch.topk(logits, min(top_k, logits.size(-1))).values[:, [-1]]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p is not None and top_p < 1.0:
+        sorted_logits, order = torch.sort(logits, descending=True)
+        cumulative = sorted_logits.softmax(dim=-1).cumsum(dim=-1)
+        drop = cumulative - sorted_logits.softmax(dim=-1) >= top_p  # mass before this token is enough
+        logits = logits.masked_fill(drop.scatter(1, order, drop), float("-inf"))
+    return torch.multinomial(logits.softmax(dim=-1), num_samples=1)
+
+
+# ----------------------------------------------------------------------------- tokenizer
+
+def get_tokenizer(name="gpt2"):
+    """A tiktoken encoding: gpt2 (GPT-2's BPE, 50257 ids) or e.g. cl100k_base (100k ids)."""
+    try:
+        return tiktoken.get_encoding(name)
+    except ValueError:
+        raise ValueError(f"unknown tokenizer {name!r}: choose one of {', '.join(tiktoken.list_encoding_names())}") from None
+
+
+# ----------------------------------------------------------------------------- downloads
+
+class DownloadError(RuntimeError):
+    pass
+
+
+class _RetryableStatus(Exception):
+    pass
+
+
+def cache_dir():
+    """Where downloads are kept: $GPT2REF_CACHE, else ~/.cache/gpt2ref (read at call time)."""
+    return Path(os.environ.get("GPT2REF_CACHE") or
+                Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "gpt2ref")
+
+
+def hub_file(repo, filename, repo_type="model"):
+    """Path of a file from a Hugging Face hub repo, downloaded once into the cache."""
+    endpoint = os.environ.get("HF_ENDPOINT", "https://huggingface.co").rstrip("/")
+    prefix = "datasets/" if repo_type == "dataset" else ""
+    url = f"{endpoint}/{prefix}{repo}/resolve/main/{filename}"
+    return download(url, cache_dir() / f"{repo_type}s" / repo / filename)
+
+
+_TRANSIENT = (requests.ConnectionError, requests.Timeout, requests.exceptions.ChunkedEncodingError)
+
+
+def download(url, path, sha256=None, size=None, retries=5):
+    """Fetch url to path, unless path exists. Streams into path + '.part', resumes it with a Range
+    request after a failure, retries with backoff, checks size and sha256 (given, or announced by
+    the hub as X-Linked-Size / X-Linked-Etag), and only then renames: a file at path is complete."""
+    path = Path(path)
+    if path.exists():
+        return path
+    if os.environ.get("HF_HUB_OFFLINE") == "1":
+        raise DownloadError(f"{path} is not cached and HF_HUB_OFFLINE=1 forbids downloading {url}")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    part = path.with_name(path.name + ".part")
+    for attempt in range(retries):
+        try:
+            sha256, size = _fetch(url, part, sha256, size)
+            break
+        except (*_TRANSIENT, _RetryableStatus) as e:
+            if attempt == retries - 1:
+                raise DownloadError(f"downloading {url} failed after {retries} tries: {e}") from None
+            time.sleep(0.5 * 2 ** attempt)
+    got_size, got_sha = _file_digest(part)
+    if (size is not None and got_size != size) or (sha256 is not None and got_sha != sha256):
+        part.unlink()
+        raise DownloadError(f"{url}: got {got_size} bytes with sha256 {got_sha}, "
+                            f"expected {size} bytes with sha256 {sha256}; nothing was kept")
+    os.replace(part, path)
+    return path
+
+
+def _fetch(url, part, sha256, size):
+    """One attempt: append to part from where it stops. Returns the expected (sha256, size)."""
+    have = part.stat().st_size if part.exists() else 0
+    headers = {"Range": f"bytes={have}-"} if have else {}
+    with requests.get(url, headers=headers, stream=True, timeout=(10, 60)) as r:
+        for hop in (*r.history, r):  # the hub's 302 to its CDN names the LFS file's sha256 and size
+            sha256 = sha256 or hop.headers.get("X-Linked-Etag", "").removeprefix("W/").strip('"') or None
+            if size is None and hop.headers.get("X-Linked-Size"):
+                size = int(hop.headers["X-Linked-Size"])
+        if r.status_code == 416 and have:  # the partial file is already whole (or bad): start over
+            part.unlink()
+            raise _RetryableStatus("416 Range Not Satisfiable")
+        if r.status_code in (429, 500, 502, 503, 504):
+            raise _RetryableStatus(f"{r.status_code} {r.reason}")
+        if r.status_code not in (200, 206):
+            raise DownloadError(f"{url}: {r.status_code} {r.reason}")
+        if r.status_code == 200:  # the server ignored our Range: start from zero
+            have = 0
+        total = size or (int(r.headers["Content-Length"]) + have if "Content-Length" in r.headers else None)
+        with open(part, "ab" if have else "wb") as f, tqdm(
+                total=total, initial=have, unit="B", unit_scale=True, desc=part.name[:-5], disable=None) as bar:
+            for chunk in r.iter_content(chunk_size=1 << 20):
+                f.write(chunk)
+                bar.update(len(chunk))
+            f.flush()
+            os.fsync(f.fileno())
+    return sha256, size
+
+
+def _file_digest(path):
+    h, n = hashlib.sha256(), 0
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 22):
+            h.update(chunk)
+            n += len(chunk)
+    return n, h.hexdigest()
+
+
+# ----------------------------------------------------------------------------- safetensors
+
+# The format: 8 bytes little-endian header length n, n bytes of JSON {name: {dtype, shape,
+# data_offsets: [begin, end]}, "__metadata__": {str: str}}, then the raw little-endian tensor bytes,
+# offsets counted from the end of the header. Nothing in it is executable, unlike a pickle.
+SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+                      "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
+                      "U8": torch.uint8, "BOOL": torch.bool}
+MAX_HEADER = 100_000_000  # the reference implementation's limit; larger means a corrupt file
+
+
+def read_safetensors_header(path):
+    """Parse and validate the header before any tensor is allocated. Returns (entries, data_start)
+    with entries sorted by offset; raises ValueError naming the file and the fault."""
+    size = os.path.getsize(path)
+
+    def bad(why):
+        return ValueError(f"{path}: not a valid safetensors file: {why}")
+
+    with open(path, "rb") as f:
+        if size < 8:
+            raise bad(f"only {size} bytes")
+        (n,) = struct.unpack("<Q", f.read(8))
+        if n > MAX_HEADER:
+            raise bad(f"header length {n} is over the {MAX_HEADER} byte limit")
+        if 8 + n > size:
+            raise bad(f"header length {n} runs past the end of the {size}-byte file")
+        try:
+            header = json.loads(f.read(n))
+        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise bad(f"header is not JSON ({e})") from None
+    if not isinstance(header, dict):
+        raise bad("header is not a JSON object")
+    header.pop("__metadata__", None)
+    entries = []
+    for name, info in header.items():
+        if not isinstance(info, dict) or info.get("dtype") not in SAFETENSORS_DTYPES:
+            raise bad(f"tensor {name!r} has unknown dtype {info.get('dtype') if isinstance(info, dict) else info!r}")
+        shape, offsets = info.get("shape"), info.get("data_offsets")
+        if not (isinstance(shape, list) and all(isinstance(d, int) and d >= 0 for d in shape)):
+            raise bad(f"tensor {name!r} has shape {shape!r}")
+        if not (isinstance(offsets, list) and len(offsets) == 2 and all(isinstance(o, int) for o in offsets)
+                and 0 <= offsets[0] <= offsets[1]):
+            raise bad(f"tensor {name!r} has data_offsets {offsets!r}")
+        dtype = SAFETENSORS_DTYPES[info["dtype"]]
+        nbytes = math.prod(shape) * dtype.itemsize
+        if offsets[1] - offsets[0] != nbytes:
+            raise bad(f"tensor {name!r} of shape {shape} {info['dtype']} needs {nbytes} bytes, "
+                      f"its offsets {offsets} hold {offsets[1] - offsets[0]}")
+        entries.append((offsets[0], offsets[1], name, dtype, shape))
+    entries.sort()
+    end = 0
+    for begin, stop, name, _, _ in entries:  # the tensors must tile the data: no gap, no overlap
+        if begin != end:
+            raise bad(f"tensor {name!r} starts at {begin}, expected {end} (overlap or gap)")
+        end = stop
+    if 8 + n + end != size:
+        raise bad(f"8 + header {n} + data {end} bytes != file size {size} (truncated or trailing bytes)")
+    return entries, 8 + n
+
+
+def iter_safetensors(path):
+    """Yield (name, tensor) one at a time, so a 6 GB file never needs 6 GB of extra memory."""
+    entries, data_start = read_safetensors_header(path)
+    with open(path, "rb") as f:
+        for begin, end, name, dtype, shape in entries:
+            raw = torch.empty(end - begin, dtype=torch.uint8)  # fresh, aligned memory
+            f.seek(data_start + begin)
+            if f.readinto(raw.numpy()) != end - begin:
+                raise ValueError(f"{path}: file ended inside tensor {name!r}")
+            yield name, raw.view(dtype).reshape(shape)
+
+
+def read_safetensors(path):
+    return dict(iter_safetensors(path))
+
+
+def write_safetensors(path, tensors, metadata=None):
+    """Write {name: tensor} (contiguous, on CPU) as safetensors, atomically."""
+    names = {v: k for k, v in SAFETENSORS_DTYPES.items()}
+    header, offset = {}, 0
+    if metadata:
+        header["__metadata__"] = {str(k): str(v) for k, v in metadata.items()}
+    for name, t in tensors.items():
+        if t.dtype not in names:
+            raise ValueError(f"{name}: dtype {t.dtype} cannot be stored in safetensors here")
+        header[name] = {"dtype": names[t.dtype], "shape": list(t.shape),
+                        "data_offsets": [offset, offset + t.numel() * t.element_size()]}
+        offset += t.numel() * t.element_size()
+    blob = json.dumps(header, separators=(",", ":")).encode()
+    blob += b" " * (-len(blob) % 8)  # pad with spaces so the data starts 8-byte aligned
+    tmp = Path(f"{path}.tmp")
+    with open(tmp, "wb") as f:
+        f.write(struct.pack("<Q", len(blob)))
+        f.write(blob)
+        for t in tensors.values():
+            f.write(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+# ----------------------------------------------------------------------------- GPT-2 weights
+
+PRETRAINED = {"gpt2": "124M", "gpt2-medium": "350M", "gpt2-large": "774M", "gpt2-xl": "1558M"}
+# OpenAI wrote these four as Conv1D layers, whose weight is (in, out): the transpose of nn.Linear's
+CONV1D = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
+
+
+def _hf_config_to_ours(hf, source):
+    unsupported = {
+        "activation_function": (hf.get("activation_function", "gelu_new"), ("gelu_new", "gelu_pytorch_tanh")),
+        "n_inner": (hf.get("n_inner"), (None, 4 * hf["n_embd"])),
+        "layer_norm_epsilon": (hf.get("layer_norm_epsilon", 1e-5), (1e-5,)),
+        "tie_word_embeddings": (hf.get("tie_word_embeddings", True), (True,)),
+        "scale_attn_by_inverse_layer_idx": (hf.get("scale_attn_by_inverse_layer_idx", False), (False,)),
+        "reorder_and_upcast_attn": (hf.get("reorder_and_upcast_attn", False), (False,)),
+    }
+    for key, (value, allowed) in unsupported.items():
+        if value not in allowed:
+            raise ValueError(f"{source}: {key}={value!r} is not GPT-2 as this file implements it")
+    return GPTConfig(block_size=hf["n_positions"], vocab_size=hf["vocab_size"], n_layer=hf["n_layer"],
+                     n_head=hf["n_head"], n_embd=hf["n_embd"], dropout=0.0, bias=True)
+
+
+def _resolve_pretrained(name_or_dir):
+    """(config.json, model.safetensors) paths for a hub name or a local directory."""
+    if os.path.isdir(name_or_dir):
+        files = Path(name_or_dir) / "config.json", Path(name_or_dir) / "model.safetensors"
+        for f in files:
+            if not f.is_file():
+                raise FileNotFoundError(f"{name_or_dir} has no {f.name}: expected the Hugging Face layout "
+                                        "(config.json + model.safetensors) as save_pretrained writes it")
+        return files
+    if name_or_dir not in PRETRAINED:
+        raise ValueError(f"unknown model {name_or_dir!r}: expected one of {', '.join(PRETRAINED)} "
+                         "or a directory holding config.json and model.safetensors")
+    repo = f"openai-community/{name_or_dir}"
+    return hub_file(repo, "config.json"), hub_file(repo, "model.safetensors")
+
+
+def from_pretrained(cls, name_or_dir):
+    """GPT-2 weights from the hub (gpt2, gpt2-medium, gpt2-large, gpt2-xl) or a local directory."""
+    config_path, weights_path = _resolve_pretrained(str(name_or_dir))
+    with open(config_path) as f:
+        config = _hf_config_to_ours(json.load(f), config_path)
+    model = cls(config)
+    ours = model.state_dict()
+    ours.pop("lm_head.weight")  # tied to transformer.wte.weight
+    seen = set()
+    with torch.no_grad():
+        for name, tensor in iter_safetensors(weights_path):
+            if name.endswith((".attn.bias", ".attn.masked_bias")) or name == "lm_head.weight":
+                continue  # old causal-mask buffers, and the tied head: nothing to load
+            key = name if name.startswith("transformer.") else "transformer." + name
+            if key not in ours:
+                raise ValueError(f"{weights_path}: unexpected tensor {name!r}")
+            if key.endswith(CONV1D):
+                tensor = tensor.t()
+            if tensor.shape != ours[key].shape:
+                raise ValueError(f"{weights_path}: {name!r} has shape {list(tensor.shape)}, "
+                                 f"config.json implies {list(ours[key].shape)}")
+            ours[key].copy_(tensor)
+            seen.add(key)
+    missing = sorted(set(ours) - seen)
+    if missing:
+        raise ValueError(f"{weights_path}: missing tensors {', '.join(missing[:5])}{' ...' if len(missing) > 5 else ''}")
+    return model
+
+
+def save_pretrained(model, directory):
+    """Write config.json + model.safetensors in the layout transformers' GPT2LMHeadModel reads."""
+    c = model.config
+    if c.pos_emb != "learned" or c.mlp != "gelu" or not c.bias:
+        raise ValueError("only the GPT-2 variant (pos_emb='learned', mlp='gelu', bias=True) can be "
+                         "exported to the Hugging Face GPT-2 format")
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    tensors = {}
+    for key, t in model.state_dict().items():
+        if key == "lm_head.weight":
+            continue  # tied: transformers restores it from wte
+        tensors[key] = t.t().contiguous() if key.endswith(CONV1D) else t
+    write_safetensors(directory / "model.safetensors", tensors, metadata={"format": "pt"})
+    hf = {"architectures": ["GPT2LMHeadModel"], "model_type": "gpt2", "vocab_size": c.vocab_size,
+          "n_positions": c.block_size, "n_embd": c.n_embd, "n_layer": c.n_layer, "n_head": c.n_head,
+          "n_inner": None, "activation_function": "gelu_new", "layer_norm_epsilon": 1e-5,
+          "resid_pdrop": c.dropout, "embd_pdrop": c.dropout, "attn_pdrop": c.dropout,
+          "initializer_range": 0.02, "tie_word_embeddings": True, "use_cache": True}
+    if c.vocab_size > 50256:  # GPT-2's <|endoftext|>
+        hf["bos_token_id"] = hf["eos_token_id"] = 50256
+    tmp = directory / "config.json.tmp"
+    tmp.write_text(json.dumps(hf, indent=2) + "\n")
+    os.replace(tmp, directory / "config.json")
+
+
+# attached here, after the functions they use, so that the file reads in order
+GPT.from_pretrained = classmethod(from_pretrained)
+GPT.save_pretrained = save_pretrained
