@@ -1,0 +1,107 @@
+"""Sample from GPT-2 or from a model trained here, streaming the text as it is generated.
+
+    python sample.py --init_from=gpt2 --start="Once upon a time" --max_new_tokens=100
+    python sample.py --init_from=path/to/hf_dir --start=FILE:prompt.txt --num_samples=3
+    python sample.py --init_from=resume --out_dir=out-tinystories
+    python sample.py --init_from=gpt2 --interactive     # one prompt per line on stdin
+"""
+import codecs
+import sys
+
+import torch
+
+from cli import autocast, configure, fail, pick_device, pick_dtype
+from gpt import GPT, DownloadError, get_tokenizer
+
+# ----------------------------------------------------------------------------- defaults
+init_from = "gpt2"      # gpt2 | gpt2-medium | gpt2-large | gpt2-xl | a local HF-format directory | resume
+out_dir = "out"         # where --init_from=resume finds ckpt.pt
+start = ""              # the prompt, or FILE:path to read it from a file; empty starts from <|endoftext|>
+num_samples = 1
+max_new_tokens = 200
+temperature = 0.8       # 0 is greedy
+top_k = 200             # 0 turns top-k filtering off
+top_p = 1.0             # nucleus sampling: 1.0 turns it off
+seed = 1337
+device = "auto"         # auto (cuda > mps > cpu) | cpu | cuda | cuda:1 | mps
+dtype = "auto"          # auto | float32 | bfloat16 | float16
+interactive = False     # read prompts from stdin, one per line, and answer each
+tokenizer = "gpt2"
+# -----------------------------------------------------------------------------
+
+
+def load_model(cfg):
+    """The model and the name of its tokenizer."""
+    try:
+        return GPT.from_pretrained(cfg["init_from"]), cfg["tokenizer"]
+    except (ValueError, FileNotFoundError, DownloadError) as e:
+        fail(str(e))
+
+
+def read_prompt(text):
+    if not text.startswith("FILE:"):
+        return text
+    try:
+        with open(text[5:], encoding="utf-8") as f:
+            return f.read()
+    except (OSError, UnicodeDecodeError) as e:
+        fail(f"cannot read the prompt file {text[5:]}: {e}")
+
+
+def encode_prompt(enc, text, block_size):
+    ids = enc.encode(text, allowed_special={"<|endoftext|>"}) if text else [enc.eot_token]
+    if len(ids) > block_size:
+        print(f"note: the prompt has {len(ids)} tokens; the model sees at most block_size={block_size}, "
+              f"so only the last {block_size} are used", file=sys.stderr)
+        ids = ids[-block_size:]
+    return ids
+
+
+def stream(model, enc, ids, cfg, device):
+    """Generate after ids, writing each piece of text as soon as its bytes decode."""
+    eos = enc.eot_token if enc.eot_token < model.config.vocab_size else None
+    decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")  # a token can end mid-character
+    idx = torch.tensor([ids], dtype=torch.long, device=device)
+    with autocast(device, cfg["dtype"]):
+        for token in model.generate_stream(idx, cfg["max_new_tokens"], cfg["temperature"],
+                                           cfg["top_k"] or None, cfg["top_p"], eos_id=eos):
+            if token.item() == eos:
+                break
+            sys.stdout.write(decoder.decode(enc.decode_single_token_bytes(token.item())))
+            sys.stdout.flush()
+    sys.stdout.write(decoder.decode(b"", final=True) + "\n")
+    sys.stdout.flush()
+
+
+def main(argv=None):
+    defaults = {k: v for k, v in globals().items() if not k.startswith("_") and isinstance(v, (int, float, str))}
+    cfg = configure(defaults, argv, doc=__doc__)
+    if cfg["max_new_tokens"] <= 0:
+        fail(f"--max_new_tokens must be positive, got {cfg['max_new_tokens']}")
+    if not 0 < cfg["top_p"] <= 1:
+        fail(f"--top_p must be in (0, 1], got {cfg['top_p']}")
+    if cfg["temperature"] < 0 or cfg["top_k"] < 0 or cfg["num_samples"] < 1:
+        fail("--temperature and --top_k must be >= 0 and --num_samples >= 1")
+    cfg["device"] = pick_device(cfg["device"])
+    cfg["dtype"] = pick_dtype(cfg["dtype"], cfg["device"])
+    torch.manual_seed(cfg["seed"])
+    model, tokenizer_name = load_model(cfg)
+    model.eval().to(cfg["device"])
+    try:
+        enc = get_tokenizer(tokenizer_name)
+    except ValueError as e:
+        fail(str(e))
+    if cfg["interactive"]:
+        for line in sys.stdin:
+            stream(model, enc, encode_prompt(enc, line.rstrip("\n"), model.config.block_size), cfg, cfg["device"])
+        return
+    ids = encode_prompt(enc, read_prompt(cfg["start"]), model.config.block_size)
+    for i in range(cfg["num_samples"]):
+        if i:
+            print("---------------")
+        sys.stdout.write(enc.decode(ids) if cfg["start"] else "")
+        stream(model, enc, ids, cfg, cfg["device"])
+
+
+if __name__ == "__main__":
+    main()
