@@ -216,11 +216,14 @@ class GPT(nn.Module):
     # ------------------------------------------------------------------------- generation
 
     def context_start(self, length):
-        """Where the context for the next token starts: once a sequence fills the block, the oldest
-        tokens go and the last half block is kept, so the cache can be refilled and used again."""
-        if length <= self.config.block_size:
+        """Where the context for the next token starts: once a sequence outgrows the block, the oldest
+        tokens go and the last half block is kept; the start then stays put while the context fills
+        the block again, so the refilled cache serves the steps that follow."""
+        block, keep = self.config.block_size, self.config.block_size // 2
+        if length <= block:
             return 0
-        return length - self.config.block_size // 2
+        step = block + 1 - keep  # how far the window jumps each time it overflows
+        return step * ((length - keep) // step)
 
     @torch.no_grad()
     def generate_stream(self, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None, eos_id=None,
