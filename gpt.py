@@ -508,6 +508,7 @@ def _hf_config_to_ours(hf, source):
         "n_inner": (hf.get("n_inner"), (None, 4 * hf["n_embd"])),
         "layer_norm_epsilon": (hf.get("layer_norm_epsilon", 1e-5), (1e-5,)),
         "tie_word_embeddings": (hf.get("tie_word_embeddings", True), (True,)),
+        "scale_attn_weights": (hf.get("scale_attn_weights", True), (True,)),
         "scale_attn_by_inverse_layer_idx": (hf.get("scale_attn_by_inverse_layer_idx", False), (False,)),
         "reorder_and_upcast_attn": (hf.get("reorder_and_upcast_attn", False), (False,)),
     }
