@@ -6,13 +6,44 @@
     python prepare_data.py wikitext103                          # and wikitext2
     python prepare_data.py text --input=input.txt --val_fraction=0.1 --out_dir=data/mytext
 
-A shard is llm.c's format: a header of 256 int32 (magic, version, token count), then the tokens.
+A shard is llm.c's format: a header of 256 int32 (magic, version, token count), then the tokens,
+uint16 when the vocabulary fits, else uint32. Every document is followed by the EOT token. Text is
+read in blocks and tokenized in batches by several threads, so memory stays flat however big the
+input, and the output bytes are the same whatever the number of threads.
+
+What counts as a document:
+  tinystories   the text between lines holding <|endoftext|>, stripped, empty ones dropped. The
+                text before the first and after the last separator of each file is dropped too:
+                the files are cut from a longer stream, and the valid file starts mid-story.
+  wikitext*     one article: the rows from one ` = Title = ` row to the next, joined as the lines
+                they were (an empty row is an empty line), stripped.
+  text          the paragraphs between blank lines (--documents=paragraphs), or each file whole
+                (--documents=files); stripped, empty ones dropped. Folders give every *.txt file
+                inside them, sorted by path.
+  shakespeare   text with --documents=files: one document per split.
+For text and shakespeare, val is the last --val_fraction of the bytes, starting at the first line
+after that point (a document crossing it is cut in two): deterministic, and val is text the model
+has not seen any of.
 """
+import codecs
+import hashlib
+import json
 import os
+import re
+import sys
+import tempfile
+import time
+from collections import deque
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import numpy as np
+from tqdm import tqdm
+
+import gpt
+from cli import configure, fail
 
 # ----------------------------------------------------------------------------- shard format
 
@@ -96,3 +127,410 @@ def read_tokens(path):
     if count == 0:
         return np.zeros(0, dtype=dtype.newbyteorder("<"))
     return np.memmap(path, dtype=dtype.newbyteorder("<"), mode="r", offset=HEADER_BYTES, shape=(count,))
+
+
+# ----------------------------------------------------------------------------- reading text
+
+BLOCK_BYTES = 1 << 22  # read files 4 MB at a time
+LONG_DOC = 1 << 22     # characters; a longer document is tokenized in pieces (see safe_cut)
+BLANK_LINE = re.compile(r"\n\s*\n")
+EOT_TEXT = "<|endoftext|>"
+
+
+def read_text(path, start, stop, errors, bar):
+    """The text of bytes [start, stop) of a file, decoded as UTF-8 block by block. Undecodable bytes
+    stop the run with where they are, or become U+FFFD with errors="replace"."""
+    decoder = codecs.getincrementaldecoder("utf-8")(errors)
+    pos, line = start, 1
+    with open(path, "rb") as f:
+        f.seek(start)
+        while pos < stop:
+            data = f.read(min(BLOCK_BYTES, stop - pos))
+            if not data:
+                fail(f"{path} shrank while being read")
+            pending = len(decoder.getstate()[0])  # bytes of a character cut by the previous block
+            try:
+                text = decoder.decode(data, final=pos + len(data) == stop)
+            except UnicodeDecodeError as e:
+                where = pos - pending + e.start
+                line += data[:max(e.start - pending, 0)].count(b"\n")
+                fail(f"{path}: invalid UTF-8 at byte {where} (line {line}, counted from byte {start}); "
+                     f"fix the file or pass --errors=replace")
+            if pos == 0:
+                text = text.removeprefix("\ufeff")  # a byte order mark is not text
+            pos += len(data)
+            line += data.count(b"\n")
+            bar.update(len(data))
+            yield text
+
+
+def safe_cut(text):
+    """Where a long document can be cut without changing its tokens: after a line break that
+    follows a non-space and precedes a letter. The pre-tokenizing regexes of gpt2, cl100k_base and
+    o200k_base all end a piece there, so tokenizing the two halves gives the same ids as the whole."""
+    i = len(text)
+    while (i := text.rfind("\n", 0, i)) > 0:
+        if not text[i - 1].isspace() and text[i + 1:i + 2].isalpha():
+            return i + 1
+    return None
+
+
+def paragraphs(ranges, per_file, errors, bar):
+    """(text, ends_document) segments of the documents in byte ranges (path, start, stop) of text
+    files: paragraphs between blank lines, or each range whole when per_file. A document longer
+    than LONG_DOC goes out in pieces as it is read, so memory does not grow with it."""
+    bar.reset(total=sum(stop - start for _, start, stop in ranges))
+    for path, start, stop in ranges:
+        doc, started = "", False  # started: part of doc already went out (already left-stripped)
+        for text in read_text(path, start, stop, errors, bar):
+            doc += text
+            if not per_file:
+                *done, doc = BLANK_LINE.split(doc)
+                for d in done:
+                    d = d.rstrip() if started else d.strip()
+                    if d or started:
+                        yield d, True
+                    started = False
+            while len(doc) > LONG_DOC and (cut := safe_cut(doc)):
+                head, doc = doc[:cut] if started else doc[:cut].lstrip(), doc[cut:]
+                if head:
+                    yield head, False
+                    started = True
+        doc = doc.rstrip() if started else doc.strip()
+        if doc or started:
+            yield doc, True
+
+
+def stories(path, errors, bar):
+    """(story, True) for each TinyStories story in a file; see the module docstring."""
+    rest, seen_separator = "", False
+    bar.reset(total=path.stat().st_size)
+    for text in read_text(path, 0, path.stat().st_size, errors, bar):
+        *done, rest = (rest + text).split(EOT_TEXT)
+        if done and not seen_separator:
+            done, seen_separator = done[1:], True  # the fragment before the first separator
+        for story in done:
+            if story := story.strip():
+                yield story, True
+        if len(rest) > LONG_DOC:
+            fail(f"{path}: no {EOT_TEXT} in {LONG_DOC:,} characters; is it a TinyStories file?")
+    # what follows the last separator may be cut off mid-story: dropped
+
+
+WIKI_TITLE = re.compile(r" = [^=].* = \n?")
+
+
+def articles(paths, bar):
+    """(article, True) for each article of WikiText parquet files; see the module docstring."""
+    import pyarrow.parquet as pq
+    lines = []
+    bar.reset(total=sum(path.stat().st_size for path in paths))
+    for path in paths:
+        try:
+            parquet = pq.ParquetFile(path)
+            rows, size = parquet.metadata.num_rows, path.stat().st_size
+            for batch in parquet.iter_batches(batch_size=8192, columns=["text"]):
+                for row in batch.column(0).to_pylist():
+                    if WIKI_TITLE.fullmatch(row) and (article := "".join(lines).strip()):
+                        yield article, True
+                        lines = []
+                    lines.append(row or "\n")
+                bar.update(size * batch.num_rows / rows)  # the file's bytes, in proportion
+        except (OSError, ValueError) as e:  # pyarrow's errors derive from these
+            fail(f"{path}: not a WikiText parquet file with a 'text' column ({e})")
+    if article := "".join(lines).strip():
+        yield article, True
+
+
+def split_ranges(paths, val_fraction):
+    """{"train": ranges, "val": ranges}: byte ranges (path, start, stop) of the files, val being the
+    last val_fraction of all bytes, from the first line that starts at or after that point."""
+    sizes = [p.stat().st_size for p in paths]
+    at, offset = round(sum(sizes) * (1 - val_fraction)), 0
+    ranges = {"train": [], "val": []}
+    for path, size in zip(paths, sizes):
+        cut = min(max(at - offset, 0), size)
+        if 0 < cut < size:  # move the cut to the next line start
+            with open(path, "rb") as f:
+                f.seek(cut - 1)
+                while (block := f.read(1 << 16)) and (nl := block.find(b"\n")) < 0:
+                    cut += len(block)
+                cut = min(cut + nl if block else size, size)
+        if cut:
+            ranges["train"].append((path, 0, cut))
+        if cut < size:
+            ranges["val"].append((path, cut, size))
+        offset += size
+    return ranges
+
+
+# ----------------------------------------------------------------------------- tokenizing
+
+BATCH_CHARS = 1 << 20  # text per task handed to a thread
+
+
+def encode(enc, segments):
+    """The ids of (text, ends_document) segments in order, with EOT after each document's end."""
+    eot = np.array([enc.eot_token], dtype=np.uint32)
+    parts = []
+    for text, ends_document in segments:
+        parts.append(enc.encode_to_numpy(text, disallowed_special=()))  # = encode_ordinary, minus a Python list
+        if ends_document:
+            parts.append(eot)
+    return np.concatenate(parts)
+
+
+def batches(segments):
+    batch, chars = [], 0
+    for segment in segments:
+        batch.append(segment)
+        chars += len(segment[0])
+        if chars >= BATCH_CHARS:
+            yield batch
+            batch, chars = [], 0
+    if batch:
+        yield batch
+
+
+def tokenize(path, read, enc, workers, desc):
+    """Write the shard at path from the segments read(bar) yields; returns (tokens, documents).
+    Threads encode batches (tiktoken releases the GIL) while this one reads ahead and writes the
+    results in order, so the bytes never depend on the number of workers. At most 2 x workers
+    batches are in flight: memory does not grow with the input."""
+    tokens = documents = 0
+    pending, start = deque(), time.perf_counter()
+    with shard_writer(path, enc.n_vocab) as write, ThreadPoolExecutor(workers) as pool, \
+            tqdm(desc=desc, unit="B", unit_scale=True, disable=None) as bar:
+
+        def write_oldest():
+            nonlocal tokens
+            ids = pending.popleft().result()
+            write(ids)
+            tokens += len(ids)
+            bar.set_postfix_str(f"{tokens / (time.perf_counter() - start) / 1e6:.2f}M tokens/s", refresh=False)
+
+        for batch in batches(read(bar)):
+            pending.append(pool.submit(encode, enc, batch))
+            documents += sum(ends for _, ends in batch)
+            if len(pending) >= 2 * workers:
+                write_oldest()
+        while pending:
+            write_oldest()
+        if tokens == 0:
+            fail(f"no text for {path.name}: the input holds no documents")
+    return tokens, documents
+
+
+# ----------------------------------------------------------------------------- datasets
+
+# Each dataset maps its splits to (sources, read): the source files (a hub dataset file, a URL or a
+# local path) and read(paths, bar), the (text, ends_document) segments of that split once the
+# sources are at paths.
+SPLITS = ("train", "val")
+SHAKESPEARE_URL = "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt"
+
+
+def hub(repo, file):
+    return {"repo": repo, "file": file}
+
+
+def tinystories(cfg):
+    prefix = {2: "TinyStoriesV2-GPT4", 1: "TinyStories"}[cfg["version"]]
+    read = lambda paths, bar: stories(paths[0], cfg["errors"], bar)
+    return {"train": ([hub("roneneldan/TinyStories", f"{prefix}-train.txt")], read),
+            "val": ([hub("roneneldan/TinyStories", f"{prefix}-valid.txt")], read)}
+
+
+def wikitext(config, train_shards):
+    repo = "Salesforce/wikitext"
+    train = [hub(repo, f"{config}/train-{i:05d}-of-{train_shards:05d}.parquet") for i in range(train_shards)]
+    read = lambda paths, bar: articles(paths, bar)
+    return {"train": (train, read), "val": ([hub(repo, f"{config}/validation-00000-of-00001.parquet")], read)}
+
+
+def plain_text(sources, per_file, cfg):
+    def reader(split):
+        return lambda paths, bar: paragraphs(split_ranges(paths, cfg["val_fraction"])[split], per_file, cfg["errors"], bar)
+    return {split: (sources, reader(split)) for split in SPLITS}
+
+
+def text_files(cfg):
+    """The files named by --input (comma-separated), a folder standing for the *.txt files in it."""
+    if not cfg["input"]:
+        fail("text needs --input=FILE (several: --input=a.txt,b.txt; or a folder of .txt files)")
+    paths = []
+    for name in cfg["input"].split(","):
+        path = Path(name).expanduser()
+        if path.is_dir():
+            found = sorted(p for p in path.rglob("*.txt") if p.is_file())
+            if not found:
+                fail(f"--input folder {path} holds no .txt files")
+            paths += found
+        elif path.is_file():
+            paths.append(path)
+        else:
+            fail(f"--input file {path} does not exist")
+    sources = []
+    for path in paths:
+        try:
+            with open(path, "rb"):  # readable at all?
+                stat = path.stat()
+        except OSError as e:
+            fail(f"cannot read --input file {path}: {e.strerror}")
+        if stat.st_size == 0:
+            fail(f"--input file {path} is empty")
+        sources.append({"path": str(path.resolve()), "bytes": stat.st_size, "mtime_ns": stat.st_mtime_ns})
+    return sources
+
+
+DATASETS = {
+    "tinystories": tinystories,
+    "shakespeare": lambda cfg: plain_text([{"url": cfg["url"]}], True, cfg),
+    "wikitext103": lambda cfg: wikitext("wikitext-103-raw-v1", 2),
+    "wikitext2": lambda cfg: wikitext("wikitext-2-raw-v1", 1),
+    "text": lambda cfg: plain_text(text_files(cfg), cfg["documents"] == "files", cfg),
+}
+
+
+def fetch(source):
+    """The local path of a source, downloaded into the cache first if need be (skipped when there)."""
+    try:
+        if "repo" in source:
+            return gpt.hub_file(source["repo"], source["file"], repo_type="dataset")
+        if "url" in source:
+            url = urlsplit(source["url"])
+            return gpt.download(source["url"], gpt.cache_dir() / "web" / url.netloc.replace(":", "_") / url.path.lstrip("/"))
+    except gpt.DownloadError as e:
+        fail(str(e))
+    return Path(source["path"])
+
+
+def sha256(path):
+    with open(path, "rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
+
+
+# ----------------------------------------------------------------------------- main
+
+DEFAULTS = {
+    "dataset": "",              # or the first argument: tinystories, shakespeare, wikitext103, wikitext2, text
+    "out_dir": "",              # default data/<dataset>
+    "tokenizer": "gpt2",        # any tiktoken encoding, e.g. cl100k_base
+    "version": 2,               # tinystories: 2 = TinyStoriesV2-GPT4 (GPT-4 stories only), 1 = the original files
+    "input": "",                # text: files and folders, comma-separated
+    "documents": "paragraphs",  # text: "paragraphs" (split on blank lines) or "files" (one document per file)
+    "val_fraction": 0.1,        # text, shakespeare: the last this much of the bytes is val
+    "url": SHAKESPEARE_URL,     # shakespeare: where input.txt comes from (a mirror, say)
+    "errors": "strict",         # undecodable UTF-8: "strict" stops and says where, "replace" substitutes U+FFFD
+    "workers": 0,               # tokenizing threads, 0 = one per core
+    "force": False,             # redo the splits that are already prepared
+}
+APPLIES_TO = {"version": {"tinystories"}, "input": {"text"}, "documents": {"text"},
+              "val_fraction": {"text", "shakespeare"}, "url": {"shakespeare"},
+              "errors": {"tinystories", "text", "shakespeare"}}
+CHOICES = {"version": (1, 2), "documents": ("paragraphs", "files"), "errors": ("strict", "replace")}
+
+
+def check(cfg):
+    """Every mistake in the options, before anything is downloaded or written."""
+    name = cfg["dataset"]
+    if name not in DATASETS:
+        fail(f"{'unknown dataset ' + repr(name) if name else 'no dataset given'}: choose from {', '.join(DATASETS)}")
+    for key, datasets in APPLIES_TO.items():
+        if cfg[key] != DEFAULTS[key] and name not in datasets:
+            fail(f"--{key} applies to {' and '.join(sorted(datasets))}, not {name}")
+    for key, choices in CHOICES.items():
+        if cfg[key] not in choices:
+            fail(f"--{key}={cfg[key]!r} is not one of {', '.join(map(repr, choices))}")
+    if not 0 < cfg["val_fraction"] < 1:
+        fail(f"--val_fraction={cfg['val_fraction']} must lie strictly between 0 and 1")
+    if cfg["workers"] < 0:
+        fail(f"--workers={cfg['workers']} must be 0 (one per core) or more")
+    if urlsplit(cfg["url"]).scheme not in ("http", "https"):
+        fail(f"--url={cfg['url']!r} is not an http(s) URL")
+    if name.startswith("wikitext"):
+        try:
+            import pyarrow.parquet  # noqa: F401
+        except ImportError:
+            fail("wikitext comes as parquet files, which need pyarrow: pip install pyarrow")
+
+
+def settings(cfg, enc):
+    """What the shards depend on: a re-run with the same settings and sources skips the work."""
+    used = {key: cfg[key] for key, datasets in APPLIES_TO.items() if cfg["dataset"] in datasets and key != "input"}
+    return {"dataset": cfg["dataset"], "tokenizer": enc.name, "vocab_size": enc.n_vocab, "eot_token": enc.eot_token,
+            "dtype": token_dtype(enc.n_vocab).name, "options": used}
+
+
+def load_record(out_dir, current):
+    """The earlier run's meta.json (or, after an interruption, meta.json.partial) if it was made
+    with the same settings, else {}."""
+    for name in ("meta.json", "meta.json.partial"):
+        try:
+            record = json.loads((out_dir / name).read_text())
+        except (OSError, ValueError):
+            continue
+        if {k: v for k, v in record.items() if k != "splits"} == current:
+            return record
+    return {}
+
+
+def finished(record, split, sources, out_dir):
+    """Is the split's shard there, intact, and made from these sources?"""
+    entry = record.get("splits", {}).get(split)
+    if not entry or [{k: v for k, v in s.items() if k != "sha256"} for s in entry["sources"]] != sources:
+        return False
+    try:
+        return len(read_tokens(out_dir / entry["file"])) == entry["tokens"]
+    except (OSError, ValueError):
+        return False
+
+
+def write_json(path, obj):
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=2) + "\n")
+    os.replace(tmp, path)
+
+
+def main(argv=None):
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and not argv[0].startswith("-") and not argv[0].endswith(".py"):
+        argv[0] = f"--dataset={argv[0]}"  # the dataset may come first, bare
+    cfg = configure(DEFAULTS, argv, doc=__doc__)
+    check(cfg)
+    try:
+        enc = gpt.get_tokenizer(cfg["tokenizer"])
+    except (ValueError, OSError) as e:  # OSError: tiktoken could not fetch its files
+        fail(f"cannot load tokenizer {cfg['tokenizer']!r}: {e}")
+    out_dir = Path(cfg["out_dir"] or Path("data") / cfg["dataset"])
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        tempfile.TemporaryFile(dir=out_dir).close()  # writable?
+    except OSError as e:
+        fail(f"cannot write to --out_dir={out_dir}: {e.strerror}")
+    plan = DATASETS[cfg["dataset"]](cfg)
+    current = settings(cfg, enc)
+    record = {} if cfg["force"] else load_record(out_dir, current)
+    done = {split: record["splits"][split] for split in SPLITS if finished(record, split, plan[split][0], out_dir)}
+    if len(done) == len(SPLITS):
+        print(f"{out_dir} is already prepared (--force to redo it)")
+        return
+    (out_dir / "meta.json").unlink(missing_ok=True)  # it would describe shards about to change
+
+    todo = [split for split in SPLITS if split not in done]
+    paths = {split: [fetch(source) for source in plan[split][0]] for split in todo}
+    workers = cfg["workers"] or os.cpu_count()
+    for split in todo:
+        sources, read = plan[split]
+        tokens, documents = tokenize(out_dir / f"{split}.bin", lambda bar: read(paths[split], bar), enc, workers,
+                                     desc=f"{cfg['dataset']} {split}")
+        done[split] = {"file": f"{split}.bin", "tokens": tokens, "documents": documents,
+                       "sources": [{**s, "sha256": sha256(p)} for s, p in zip(sources, paths[split])]}
+        write_json(out_dir / "meta.json.partial", {**current, "splits": done})
+        print(f"{out_dir / f'{split}.bin'}: {tokens:,} tokens in {documents:,} documents")
+    write_json(out_dir / "meta.json", {**current, "splits": {split: done[split] for split in SPLITS}})
+    (out_dir / "meta.json.partial").unlink()
+
+
+if __name__ == "__main__":
+    main()
