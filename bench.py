@@ -7,12 +7,17 @@ Each section returns rows (what, value, unit); where transformers is installed, 
 the same run as the reference to beat.
 """
 import json
+import multiprocessing
 import os
+import resource
+import sys
 import tempfile
 import time
+from concurrent.futures import ProcessPoolExecutor
 
 import torch
 
+import gpt
 from cli import configure, fail
 from gpt import GPT, GPTConfig
 
@@ -54,7 +59,66 @@ def bench_generate(new_tokens=256, prompt_len=16):
     return rows
 
 
-BENCHES = {"generate": bench_generate}
+def _finetune_in_this_process(mode, shape, batch_size, seq_len, steps):
+    """Train steps of one fine-tuning mode on random tokens; (seconds per step, peak RSS bytes while
+    training, bytes of parameters + buffers, bytes of optimizer state, trainable parameters)."""
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(**shape))
+    if mode == "qlora":
+        gpt.quantize_model(model)
+    if mode != "full":
+        gpt.apply_lora(model, rank=16, alpha=32)
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=1e-4)
+    x = torch.randint(0, shape["vocab_size"], (batch_size, seq_len))
+    y = torch.randint(0, shape["vocab_size"], (batch_size, seq_len))
+
+    def step():
+        _, loss = model(x, y)
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    step()  # allocates the optimizer state
+    # the peak while training, not while building (QLoRA's float weights exist until they are
+    # quantized): Linux resets its high-water mark on request; elsewhere the whole process counts
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        reset = True
+    except OSError:
+        reset = False
+    seconds = timed(step, repeat=steps)
+    if reset:
+        with open("/proc/self/status") as f:
+            peak = next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmHWM:"))
+    else:
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * (1 if sys.platform == "darwin" else 1024)
+    weights = sum(t.numel() * t.element_size() for t in [*model.parameters(), *model.buffers()])
+    state = sum(t.numel() * t.element_size() for s in optimizer.state.values() for t in s.values())
+    return seconds, peak, weights, state, sum(p.numel() for p in params)
+
+
+def bench_finetune(n_layer=24, n_head=16, n_embd=1024, batch_size=2, seq_len=128, steps=2):
+    """Full fine-tuning vs LoRA (rank 16, all four block linears) vs QLoRA (the same on NF4
+    weights with double quantization) at GPT-2 medium shape, random weights, float32, AdamW.
+    Each mode runs in a fresh process so that their peak memories are separate."""
+    shape = dict(n_layer=n_layer, n_head=n_head, n_embd=n_embd, vocab_size=50257, block_size=1024)
+    rows, results = [], {}
+    for mode in ("full", "lora", "qlora"):
+        with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
+            results[mode] = pool.submit(_finetune_in_this_process, mode, shape, batch_size, seq_len, steps).result()
+        seconds, peak, weights, state, trainable = results[mode]
+        rows += [(f"{mode}: step ({batch_size}x{seq_len} tokens)", seconds, "s"),
+                 (f"{mode}: peak RSS while training", peak / 2**20, "MiB"),
+                 (f"{mode}: weights resident (params + buffers)", weights / 2**20, "MiB"),
+                 (f"{mode}: optimizer state", state / 2**20, "MiB"),
+                 (f"{mode}: trainable parameters", trainable / 1e6, "M")]
+    rows.append(("qlora / full weights resident", results["qlora"][2] / results["full"][2], "x"))
+    return rows
+
+
+BENCHES = {"generate": bench_generate, "finetune": bench_finetune}
 
 
 def main():
