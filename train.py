@@ -1,0 +1,480 @@
+"""Train a GPT from scratch, from GPT-2's weights, or on from where a run stopped.
+
+    python train.py --dataset=tinystories --batch_size=8
+    python train.py config/tinystories.py --max_iters=2000 --compile=False
+    torchrun --standalone --nproc_per_node=2 train.py config/tinystories.py
+    python train.py --init_from=resume --out_dir=out-tinystories
+    python train.py --init_from=gpt2 --dataset=shakespeare --learning_rate=3e-5
+
+Settings: the defaults below, then config files given as bare arguments, then --key=value.
+The pieces (batches, LR schedule, AdamW, DDP, one optimizer step, evaluation, checkpoints, the log
+and its plot) are plain functions that finetune_alpaca.py imports too; main() at the bottom
+strings them together.
+
+A batch is a pure function of (seed, iteration, micro-batch index), and so is the dropout noise:
+one process accumulating G micro-batches and G processes taking one each compute the same step,
+and a resumed run repeats an uninterrupted one bit for bit, with no random state to carry over.
+"""
+import hashlib
+import json
+import math
+import os
+import sys
+import time
+from dataclasses import asdict
+from types import SimpleNamespace
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+from cli import autocast, configure, fail, pick_device, pick_dtype
+from gpt import GPT, CausalSelfAttention, DownloadError, GPTConfig, get_tokenizer
+from prepare_data import read_tokens
+
+# ----------------------------------------------------------------------------- defaults
+# I/O
+out_dir = "out"
+eval_interval = 250       # evaluate, sample, plot and checkpoint every this many iterations
+eval_iters = 50           # batches per split in an evaluation, spread over the processes
+log_interval = 10
+init_from = "scratch"     # scratch | resume | gpt2 | gpt2-medium | gpt2-large | gpt2-xl | a local HF directory
+sample_prompt = ""        # the fixed prompt sampled from at each evaluation; empty: <|endoftext|>
+sample_tokens = 48        # 0: no sample
+wandb_log = False
+wandb_project = "gpt2ref"
+wandb_run_name = "train"
+# data: data_dir/dataset/{train,val}.bin and meta.json, from prepare_data.py
+dataset = "tinystories"
+data_dir = "data"
+batch_size = 8
+block_size = 256
+gradient_accumulation_steps = 1  # per process: a step sees world_size * this * batch_size sequences
+# model (ignored for gpt2* weights, which bring their own shape)
+n_layer = 6
+n_head = 6
+n_embd = 384
+dropout = 0.0
+bias = True
+pos_emb = "learned"       # learned | rope
+mlp = "gelu"              # gelu | swiglu
+# AdamW and the learning-rate schedule
+learning_rate = 6e-4
+max_iters = 5000
+weight_decay = 0.1
+beta1 = 0.9
+beta2 = 0.95
+grad_clip = 1.0           # 0: no clipping
+warmup_iters = 100
+lr_decay_iters = 0        # cosine decay to min_lr ends here; 0: at max_iters
+min_lr = 6e-5
+# system
+device = "auto"           # auto (cuda > mps > cpu) | cpu | cuda | cuda:1 | mps
+dtype = "auto"            # auto | float32 | bfloat16 | float16 (float16 adds a GradScaler)
+compile = False           # torch.compile the model
+seed = 1337
+peak_flops = 0.0          # FLOP/s that MFU is measured against; 0: A100 bf16 (312e12) on CUDA, a measured matmul elsewhere
+# -----------------------------------------------------------------------------
+DEFAULTS = {k: v for k, v in globals().items() if not k.startswith("_") and isinstance(v, (int, float, str))}
+MODEL_KEYS = ("n_layer", "n_head", "n_embd", "block_size", "bias", "pos_emb", "mlp")  # fixed once a run starts
+
+
+# ----------------------------------------------------------------------------- batches
+
+def seed_for(*key):
+    """A 63-bit seed from any key like (seed, "train", iteration, index); the same in every process
+    and every Python (unlike hash(), which is salted for strings)."""
+    digest = hashlib.blake2b(repr(key).encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") >> 1
+
+
+def batch_loader(folder, batch_size, block_size, device, seed):
+    """get_batch(split, key, index) -> (x, y), each (batch_size, block_size): windows of the split's
+    tokens at offsets drawn from a generator seeded by (seed, split, key, index). key is the
+    iteration for training batches and "eval" for the fixed evaluation batches."""
+    def get_batch(split, key, index):
+        # opened per batch, as nanoGPT does: a long-lived memmap lets touched pages pile up in RSS
+        tokens = read_tokens(os.path.join(folder, f"{split}.bin"))
+        gen = torch.Generator().manual_seed(seed_for(seed, split, key, index))
+        starts = torch.randint(len(tokens) - block_size, (batch_size,), generator=gen).tolist()
+        rows = torch.from_numpy(np.stack([tokens[s:s + block_size + 1] for s in starts]).astype(np.int64))
+        x, y = rows[:, :-1].contiguous(), rows[:, 1:].contiguous()
+        if device.startswith("cuda"):  # page-locked memory lets the copy overlap with compute
+            return x.pin_memory().to(device, non_blocking=True), y.pin_memory().to(device, non_blocking=True)
+        return x.to(device), y.to(device)
+    return get_batch
+
+
+def read_meta(folder):
+    """meta.json of a prepared dataset, after checking both shards are there and long enough."""
+    try:
+        with open(os.path.join(folder, "meta.json")) as f:
+            meta = json.load(f)
+    except FileNotFoundError:
+        fail(f"no dataset in {folder} (meta.json is missing): prepare one with `python prepare_data.py "
+             f"{os.path.basename(folder)}` or point --data_dir/--dataset at it")
+    for split in ("train", "val"):
+        try:
+            read_tokens(os.path.join(folder, f"{split}.bin"))
+        except (OSError, ValueError) as e:
+            fail(f"{split} split of {folder}: {e}")
+    return meta
+
+
+# ----------------------------------------------------------------------------- optimization
+
+def lr_at(it, learning_rate, min_lr, warmup_iters, decay_iters):
+    """Linear warmup over warmup_iters, then a cosine from learning_rate down to min_lr at
+    decay_iters, then min_lr."""
+    if it < warmup_iters:
+        return learning_rate * (it + 1) / (warmup_iters + 1)
+    if it >= decay_iters:
+        return min_lr
+    progress = (it - warmup_iters) / (decay_iters - warmup_iters)
+    return min_lr + 0.5 * (1.0 + math.cos(math.pi * progress)) * (learning_rate - min_lr)
+
+
+def make_optimizer(model, learning_rate, weight_decay, betas, device):
+    """AdamW over the trainable parameters, decaying the matrices (linear layers, embeddings) but
+    not biases and LayerNorm gains. parameters() yields the tied wte/lm_head matrix once."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
+              {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
+    # the fused CUDA kernel updates every tensor in one launch instead of several per tensor
+    return torch.optim.AdamW(groups, lr=learning_rate, betas=betas, fused=device.startswith("cuda"))
+
+
+def make_scaler(device, dtype):
+    """float16 gradients underflow without loss scaling; bfloat16 and float32 have float32's range
+    and need none (the scaler is then a no-op)."""
+    return torch.amp.GradScaler(device.split(":")[0], enabled=dtype == "float16")
+
+
+def train_step(model, optimizer, scaler, get_batch, it, lr, grad_accum=1, rank=0, world_size=1,
+               device="cpu", dtype="float32", grad_clip=1.0, seed=0):
+    """One optimizer step at learning rate lr over grad_accum micro-batches in this process.
+    Process `rank` takes micro-batch indices rank, rank + world_size, ...: the step covers indices
+    0 .. world_size * grad_accum - 1 whatever the split into processes. Returns this process's
+    mean loss over its micro-batches (a tensor, not synchronized)."""
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+    total = torch.zeros((), device=device)
+    for micro in range(grad_accum):
+        index = micro * world_size + rank
+        if world_size > 1:  # all-reduce the gradients in the last backward pass only; set before the forward
+            model.require_backward_grad_sync = micro == grad_accum - 1
+        x, y = get_batch("train", it, index)
+        torch.manual_seed(seed_for(seed, "dropout", it, index))  # the dropout masks, like the batch, follow the index
+        with autocast(device, dtype):
+            _, loss = model(x, y)
+        scaler.scale(loss / grad_accum).backward()  # DDP averages over processes, we over micro-batches
+        total += loss.detach()
+    if grad_clip:
+        scaler.unscale_(optimizer)
+        torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+    scaler.step(optimizer)  # skipped by the scaler if float16 gradients overflowed
+    scaler.update()
+    optimizer.zero_grad(set_to_none=True)
+    return total / grad_accum
+
+
+def mean_over_ranks(value, world_size):
+    """The mean of a scalar tensor over all processes, as a float."""
+    if world_size > 1:
+        value = value.detach().clone()
+        dist.all_reduce(value)
+        value /= world_size
+    return value.item()
+
+
+@torch.no_grad()
+def evaluate(model, get_batch, eval_iters, rank=0, world_size=1, device="cpu", dtype="float32",
+             splits=("train", "val")):
+    """Mean loss on the fixed batches get_batch(split, "eval", k), k < eval_iters, shared out over the
+    processes. Give it the model without its DDP wrapper: the processes may run unequal counts."""
+    model.eval()
+    losses = {}
+    for split in splits:
+        total = torch.zeros((), device=device)
+        for k in range(rank, eval_iters, world_size):
+            x, y = get_batch(split, "eval", k)
+            with autocast(device, dtype):
+                total += model(x, y)[1].float()
+        if world_size > 1:
+            dist.all_reduce(total)
+        losses[split] = total.item() / eval_iters
+    model.train()
+    return losses
+
+
+# ----------------------------------------------------------------------------- processes
+
+def setup_ddp(device):
+    """Join the process group when started by torchrun (nccl for GPUs, gloo otherwise); each
+    process takes the GPU of its local rank. Returns (rank, world_size, device)."""
+    if "RANK" not in os.environ:
+        return 0, 1, device
+    if device.startswith("cuda"):
+        device = f"cuda:{os.environ['LOCAL_RANK']}"
+        torch.cuda.set_device(device)
+    dist.init_process_group("nccl" if device.startswith("cuda") else "gloo")
+    return dist.get_rank(), dist.get_world_size(), device
+
+
+def teardown_ddp():
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+# ----------------------------------------------------------------------------- checkpoints
+
+def save_checkpoint(path, state):
+    """torch.save to a temporary file, fsync, rename: killed at any moment, even by SIGKILL, the
+    previous checkpoint stays whole. state holds only tensors and plain Python values."""
+    tmp = f"{path}.tmp"
+    with open(tmp, "wb") as f:
+        torch.save(state, f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def load_checkpoint(path):
+    """A checkpoint as saved above, onto the CPU; weights_only: nothing in it can run code."""
+    if not os.path.exists(path):
+        fail(f"no checkpoint at {path}: train first, or point --out_dir at the run to resume")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # torch raises several kinds for a damaged or foreign file
+        fail(f"{path} is not a loadable checkpoint: {str(e).splitlines()[0]}")
+
+
+def model_from_checkpoint(ckpt):
+    """The trained model of a checkpoint, on the CPU."""
+    model = GPT(GPTConfig(**ckpt["model_args"]))
+    model.load_state_dict(ckpt["model"])
+    return model
+
+
+# ----------------------------------------------------------------------------- measurements
+
+def flops_per_token(config, n_params, seq_len):
+    """Training FLOPs per token (PaLM's appendix B, as nanoGPT counts them): 6 per weight for the
+    forward and backward matmuls, plus attention's scores and weighted sums over seq_len."""
+    head_size = config.n_embd // config.n_head
+    return 6 * n_params + 12 * config.n_layer * config.n_head * head_size * seq_len
+
+
+def matmul_flops(device, dtype, n=512, seconds=0.2):
+    """Measured FLOP/s of an n x n matmul in dtype: the peak MFU is judged against where there is
+    no data-sheet figure (CPU, MPS). bench.py calls it with a larger n."""
+    def sync():
+        if device.startswith("cuda"):
+            torch.cuda.synchronize()
+        elif device == "mps":
+            torch.mps.synchronize()
+    a, b = (torch.randn(n, n, device=device, dtype=getattr(torch, dtype)) for _ in range(2))
+    a @ b  # warm-up
+    sync()
+    count, t0 = 0, time.perf_counter()
+    while time.perf_counter() - t0 < seconds:
+        a @ b
+        count += 1
+        sync()
+    return 2 * n ** 3 * count / (time.perf_counter() - t0)
+
+
+def memory_mb(device):
+    """Peak memory so far: the CUDA allocator's on a GPU, else the process's peak resident set."""
+    if device.startswith("cuda"):
+        return torch.cuda.max_memory_allocated(device) / 2 ** 20
+    import resource  # POSIX only, hence not at the top
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak / 2 ** 20 if sys.platform == "darwin" else peak / 2 ** 10  # bytes on macOS, KiB on Linux
+
+
+# ----------------------------------------------------------------------------- logs
+
+def log_record(path, record, wandb_run=None):
+    """Append one JSON line to the log (and send the numbers to Weights & Biases)."""
+    with open(path, "a") as f:
+        f.write(json.dumps(record) + "\n")
+    if wandb_run is not None:
+        wandb_run.log({k: v for k, v in record.items() if isinstance(v, (int, float))}, step=record["iter"])
+
+
+def truncate_log(path, size):
+    """Cut the log back to its length at the checkpoint: lines past it came from steps being redone."""
+    if os.path.exists(path) and os.path.getsize(path) > size:
+        os.truncate(path, size)
+
+
+def plot_log(log_path, png_path):
+    """Redraw loss, learning rate, throughput and memory from the log into png_path."""
+    from matplotlib.figure import Figure  # no pyplot: no GUI backend, no global figure list
+    records = [json.loads(line) for line in open(log_path)]
+    steps = [r for r in records if "loss" in r]
+    evals = [r for r in records if "val_loss" in r]
+    fig = Figure(figsize=(11, 7), layout="constrained")
+    (ax_loss, ax_lr), (ax_speed, ax_mem) = fig.subplots(2, 2)
+    ax_loss.plot([r["iter"] for r in steps], [r["loss"] for r in steps], lw=0.8, alpha=0.6, label="train (batch)")
+    for key, label in (("train_loss", "train (eval)"), ("val_loss", "val")):
+        ax_loss.plot([r["iter"] for r in evals], [r[key] for r in evals], marker="o", label=label)
+    ax_loss.set(title="loss", xlabel="iteration")
+    ax_loss.legend()
+    for ax, key, title in ((ax_lr, "lr", "learning rate"), (ax_speed, "tokens_per_s", "tokens/s"),
+                           (ax_mem, "mem", "peak memory (MB)")):
+        ax.plot([r["iter"] for r in steps], [r[key] for r in steps])
+        ax.set(title=title, xlabel="iteration")
+    tmp = f"{png_path}.tmp"
+    fig.savefig(tmp, format="png", dpi=90)
+    os.replace(tmp, png_path)
+
+
+# ----------------------------------------------------------------------------- the run
+
+def build_model(c, vocab_size, ckpt):
+    """The model to train: the checkpoint's, a fresh one, or GPT-2's weights."""
+    if ckpt is not None:
+        model = model_from_checkpoint(ckpt)
+    elif c.init_from == "scratch":
+        torch.manual_seed(c.seed)  # the same initial weights in every process
+        try:
+            model = GPT(GPTConfig(block_size=c.block_size, vocab_size=vocab_size, n_layer=c.n_layer,
+                                  n_head=c.n_head, n_embd=c.n_embd, dropout=c.dropout, bias=c.bias,
+                                  pos_emb=c.pos_emb, mlp=c.mlp))
+        except ValueError as e:
+            fail(str(e))
+    else:
+        try:
+            model = GPT.from_pretrained(c.init_from)
+        except (ValueError, FileNotFoundError, DownloadError) as e:
+            fail(f"--init_from={c.init_from}: {e} (train.py also takes scratch and resume)")
+        model.config.dropout = c.dropout  # the weights come without it; fine-tuning may want some
+        for module in model.modules():
+            if isinstance(module, torch.nn.Dropout):
+                module.p = c.dropout
+            elif isinstance(module, CausalSelfAttention):  # its dropout is an argument of the SDPA kernel
+                module.dropout = c.dropout
+    if c.block_size > model.config.block_size:
+        fail(f"--block_size={c.block_size} is longer than the model's context of {model.config.block_size}")
+    if vocab_size > model.config.vocab_size:
+        fail(f"the dataset's vocabulary ({vocab_size}) is larger than the model's ({model.config.vocab_size})")
+    return model
+
+
+def main(argv=None):
+    cfg = configure(DEFAULTS, argv, doc=__doc__)
+    ckpt_path = os.path.join(cfg["out_dir"], "ckpt.pt")
+    ckpt = None
+    if cfg["init_from"] == "resume":
+        ckpt = load_checkpoint(ckpt_path)
+        # the saved run's settings become the defaults: the command line changes only what it names
+        saved = {k: ckpt["config"].get(k, v) for k, v in DEFAULTS.items()}
+        cfg = configure(saved, argv, doc=__doc__)
+        changed = [k for k in MODEL_KEYS if cfg[k] != saved[k]]
+        if changed:
+            fail(f"{ckpt_path} was trained with {', '.join(f'{k}={saved[k]!r}' for k in changed)}; resuming cannot "
+                 f"change the model's shape to {', '.join(f'{k}={cfg[k]!r}' for k in changed)} (use a new --out_dir)")
+    c = SimpleNamespace(**cfg)
+    for key in ("batch_size", "block_size", "gradient_accumulation_steps", "eval_interval", "eval_iters", "log_interval"):
+        if cfg[key] < 1:
+            fail(f"--{key} must be at least 1, got {cfg[key]}")
+
+    rank, world_size, device = setup_ddp(pick_device(c.device))
+    master = rank == 0  # only the first process writes files and prints
+    dtype = pick_dtype(c.dtype, device)
+    if device.startswith("cuda"):
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+    folder = os.path.join(c.data_dir, c.dataset)
+    meta = read_meta(folder)
+    get_batch = batch_loader(folder, c.batch_size, c.block_size, device, c.seed)
+    enc = get_tokenizer(meta["tokenizer"])
+    prompt = enc.encode(c.sample_prompt, allowed_special={"<|endoftext|>"}) if c.sample_prompt else [enc.eot_token]
+
+    model = build_model(c, meta["vocab_size"], ckpt).to(device)
+    if max(prompt) >= model.config.vocab_size:
+        fail(f"--sample_prompt={c.sample_prompt!r} has token ids beyond the model's vocabulary of {model.config.vocab_size}")
+    optimizer = make_optimizer(model, c.learning_rate, c.weight_decay, (c.beta1, c.beta2), device)
+    scaler = make_scaler(device, dtype)
+    start_iter, best_val_loss = 0, float("inf")
+    log_path = os.path.join(c.out_dir, "log.jsonl")
+    if master:
+        os.makedirs(c.out_dir, exist_ok=True)
+    if ckpt is not None:
+        optimizer.load_state_dict(ckpt["optimizer"])
+        if ckpt["scaler"]:  # empty when saved without float16
+            scaler.load_state_dict(ckpt["scaler"])
+        start_iter, best_val_loss = ckpt["iter"], ckpt["best_val_loss"]
+        if master:
+            truncate_log(log_path, ckpt["log_bytes"])
+    elif master and os.path.exists(log_path):
+        os.remove(log_path)  # a fresh run in an old out_dir starts a fresh log
+    fast = torch.compile(model) if c.compile else model  # checkpoints come from model: no _orig_mod. keys
+    trained = fast if world_size == 1 else DDP(fast, device_ids=[device] if device.startswith("cuda") else None,
+                                               broadcast_buffers=False)  # the RoPE tables never change
+    wandb_run = None
+    if c.wandb_log and master:
+        import wandb
+        wandb_run = wandb.init(project=c.wandb_project, name=c.wandb_run_name, config=cfg)
+
+    tokens_per_iter = world_size * c.gradient_accumulation_steps * c.batch_size * c.block_size
+    flops_per_iter = flops_per_token(model.config, model.num_params(), c.block_size) * tokens_per_iter
+    peak = c.peak_flops or (312e12 if device.startswith("cuda") else matmul_flops(device, dtype))
+    decay_iters = c.lr_decay_iters or c.max_iters
+    if master:
+        print(f"{model.num_params() / 1e6:.2f}M parameters, {tokens_per_iter:,} tokens per iteration, "
+              f"{world_size} process(es) on {device}, {dtype}, peak {peak / 1e12:.3f} TFLOP/s for MFU")
+    it = start_iter
+    t_last, it_last = time.perf_counter(), it
+    while True:
+        if (it % c.eval_interval == 0 or it == c.max_iters) and not (ckpt is not None and it == start_iter):
+            losses = evaluate(fast, get_batch, c.eval_iters, rank, world_size, device, dtype)
+            best_val_loss = min(best_val_loss, losses["val"])
+            if master:
+                text = ""
+                if c.sample_tokens:
+                    torch.manual_seed(c.seed)  # the same draw at every evaluation, so samples compare
+                    with autocast(device, dtype):
+                        out = model.eval().generate(torch.tensor([prompt], device=device), c.sample_tokens,
+                                                    temperature=0.8, top_k=200)
+                    model.train()
+                    text = enc.decode(out[0, len(prompt):].tolist())
+                print(f"eval {it}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f} "
+                      f"(best {best_val_loss:.4f}), sample: {text!r}")
+                log_record(log_path, {"iter": it, "train_loss": losses["train"], "val_loss": losses["val"],
+                                      "best_val_loss": best_val_loss, "sample": text}, wandb_run)
+                plot_log(log_path, os.path.join(c.out_dir, "loss.png"))
+                save_checkpoint(ckpt_path, {
+                    "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                    "scaler": scaler.state_dict(), "iter": it, "best_val_loss": best_val_loss, "config": cfg,
+                    "model_args": asdict(model.config), "tokenizer": meta["tokenizer"],
+                    "log_bytes": os.path.getsize(log_path)})
+            t_last, it_last = time.perf_counter(), it  # evaluation time is not training time
+        if it >= c.max_iters:
+            break
+
+        lr = lr_at(it, c.learning_rate, c.min_lr, c.warmup_iters, decay_iters)
+        loss = train_step(trained, optimizer, scaler, get_batch, it, lr, c.gradient_accumulation_steps, rank,
+                          world_size, device, dtype, c.grad_clip, c.seed)
+        if it % c.log_interval == 0:
+            loss = mean_over_ranks(loss, world_size)  # waits for the step to finish: the timing is honest
+            seconds = (time.perf_counter() - t_last) / (it + 1 - it_last)
+            t_last, it_last = time.perf_counter(), it + 1
+            record = {"iter": it, "loss": loss, "lr": lr, "tokens_per_s": tokens_per_iter / seconds,
+                      "ms": 1000 * seconds, "mfu": flops_per_iter / seconds / (peak * world_size),
+                      "mem": memory_mb(device)}
+            if master:
+                print(f"iter {it}: loss {loss:.4f}, lr {lr:.2e}, {record['ms']:.1f} ms/iter, "
+                      f"{record['tokens_per_s']:,.0f} tokens/s, MFU {100 * record['mfu']:.2f}%, "
+                      f"mem {record['mem']:,.0f} MB", flush=True)
+                log_record(log_path, record, wandb_run)
+        it += 1
+    if wandb_run is not None:
+        wandb_run.finish()
+    teardown_ddp()
+
+
+if __name__ == "__main__":
+    main()
