@@ -58,7 +58,8 @@ class HubMirror:
                 pass
 
         server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        threading.Thread(target=server.serve_forever, daemon=True).start()
+        # a short poll interval makes shutdown() quick: it waits for the loop to notice
+        threading.Thread(target=server.serve_forever, args=(0.01,), daemon=True).start()
         return server
 
     def _handle(self, h, server, body):
