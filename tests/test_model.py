@@ -193,6 +193,17 @@ def test_kv_cache_equals_recomputation(variant, sampling):
     assert torch.equal(outputs[0], outputs[1])
 
 
+@pytest.mark.parametrize("variant", VARIANTS[:2], ids=lambda v: v["pos_emb"])
+def test_prompt_longer_than_block(variant):
+    model = tiny_gpt(seed=21, block_size=16, **variant)
+    idx = batch(B=2, T=23, seed=22)
+    torch.manual_seed(23)
+    cached = model.generate(idx, 12, top_k=30)
+    torch.manual_seed(23)
+    assert torch.equal(cached, model.generate(idx, 12, top_k=30, use_cache=False))
+    assert cached.shape == (2, 35) and torch.equal(cached[:, :23], idx)
+
+
 def test_greedy_equals_argmax_of_forward():
     """temperature=0 against an independent loop over model(...): argmax of the last logits, with the
     context cropped the way generation documents it (context_start)."""
