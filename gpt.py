@@ -335,8 +335,8 @@ def download(url, path, sha256=None, size=None, retries=5):
     path = Path(path)
     if path.exists():
         return path
-    if os.environ.get("HF_HUB_OFFLINE") == "1":
-        raise DownloadError(f"{path} is not cached and HF_HUB_OFFLINE=1 forbids downloading {url}")
+    if os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on"):
+        raise DownloadError(f"{path} is not cached and HF_HUB_OFFLINE forbids downloading {url}")
     path.parent.mkdir(parents=True, exist_ok=True)
     part = path.with_name(path.name + ".part")
     for attempt in range(retries):
@@ -374,6 +374,9 @@ def _fetch(url, part, sha256, size):
             raise DownloadError(f"{url}: {r.status_code} {r.reason}")
         if r.status_code == 200:  # the server ignored our Range: start from zero
             have = 0
+        elif not r.headers.get("Content-Range", "").startswith(f"bytes {have}-"):
+            part.unlink()  # a 206 for some other range than ours: nothing to append to safely
+            raise _RetryableStatus(f"206 with Content-Range {r.headers.get('Content-Range')!r}, asked for bytes {have}-")
         total = size or (int(r.headers["Content-Length"]) + have if "Content-Length" in r.headers else None)
         with open(part, "ab" if have else "wb") as f, tqdm(
                 total=total, initial=have, unit="B", unit_scale=True, desc=part.name[:-5], disable=None) as bar:
@@ -504,6 +507,9 @@ CONV1D = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_
 
 
 def _hf_config_to_ours(hf, source):
+    missing = [k for k in ("n_positions", "vocab_size", "n_layer", "n_head", "n_embd") if k not in hf]
+    if missing:
+        raise ValueError(f"{source}: not a GPT-2 config.json, it lacks {', '.join(missing)}")
     unsupported = {
         "activation_function": (hf.get("activation_function", "gelu_new"), ("gelu_new", "gelu_pytorch_tanh")),
         "n_inner": (hf.get("n_inner"), (None, 4 * hf["n_embd"])),

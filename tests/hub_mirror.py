@@ -8,7 +8,7 @@
 An LFS file answers like the real hub: a 302 to cdn_url/<sha256> carrying X-Linked-Etag (the quoted
 sha256) and X-Linked-Size; the CDN then serves the bytes. Both servers honour Range (206). Faults
 are switched on per path (the path given to add(), which also covers its CDN response):
-cut_after, ignore_range, wrong_sha, fail_status. Every request is logged in `requests` as
+cut_after, ignore_range, range_from_zero, wrong_sha, fail_status. Every request is logged in `requests` as
 (server, method, path, range) with server "hub" or "cdn" and path without the leading slash
 (for the CDN, the sha256).
 """
@@ -24,6 +24,7 @@ class HubMirror:
         self.requests = []      # (server, method, path, Range header or None)
         self.cut_after = {}     # path -> n: next body stops after n bytes and the connection closes
         self.ignore_range = set()
+        self.range_from_zero = set()  # paths answered 206 with bytes from 0, whatever range was asked
         self.wrong_sha = set()
         self.fail_status = {}   # path -> status codes answered first, e.g. [503, 503]
         self.lock = threading.Lock()
@@ -87,6 +88,8 @@ class HubMirror:
             return self._reply(h, 200, data, body, cut=cut)
         first, _, last = byte_range.removeprefix("bytes=").partition("-")
         start, stop = int(first), min(int(last) + 1 if last else len(data), len(data))
+        if file_path in self.range_from_zero:
+            start = 0
         if start >= len(data):
             return self._reply(h, 416, b"", body, {"Content-Range": f"bytes */{len(data)}"})
         return self._reply(h, 206, data[start:stop], body,

@@ -143,6 +143,17 @@ def test_server_ignoring_range_does_not_append_to_stale_part(hub, blob):
     assert hub.requests[0][3] == "bytes=1000-"
 
 
+def test_206_for_another_range_is_not_appended(hub, blob):
+    hub.add("plain.bin", blob, lfs=False)
+    hub.range_from_zero.add("plain.bin")
+    part = hub.cache / "plain.bin.part"
+    part.parent.mkdir(parents=True)
+    part.write_bytes(blob[:1000])
+    path = gpt.download(f"{hub.url}/plain.bin", hub.cache / "plain.bin")
+    assert path.read_bytes() == blob  # the part was dropped and the file fetched again from zero
+    assert [r[3] for r in hub.requests] == ["bytes=1000-", None]
+
+
 def test_complete_part_answered_416_starts_over(hub, blob):
     hub.add(BLOB, blob)
     part = hub.cache / "models/someone/big/blob.bin.part"
@@ -194,16 +205,17 @@ def test_missing_weights_leave_no_weights(hub, checkpoint):
     assert cached_files(hub) == ["models/openai-community/gpt2/config.json"]
 
 
-def test_offline_uses_the_cache_only(hub, checkpoint, monkeypatch):
+@pytest.mark.parametrize("offline", ["1", "true", "ON"])
+def test_offline_uses_the_cache_only(hub, checkpoint, monkeypatch, offline):
     serve_gpt2(hub, checkpoint)
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HUB_OFFLINE", offline)
     with pytest.raises(DownloadError, match="HF_HUB_OFFLINE"):
         GPT.from_pretrained("gpt2")
     assert hub.requests == [] and cached_files(hub) == []
     monkeypatch.delenv("HF_HUB_OFFLINE")
     GPT.from_pretrained("gpt2")
     hub.requests.clear()
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HUB_OFFLINE", offline)
     GPT.from_pretrained("gpt2")
     assert hub.requests == []
 

@@ -392,6 +392,15 @@ def test_bad_weights_raise(tmp_path, change, message):
     assert "model.safetensors" in str(e.value)
 
 
+def test_config_without_gpt2_fields_raises(tmp_path):
+    hf_gpt2().save_pretrained(tmp_path)
+    config = json.loads((tmp_path / "config.json").read_text())
+    del config["n_positions"]
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match="lacks n_positions"):
+        GPT.from_pretrained(tmp_path)
+
+
 @pytest.mark.parametrize("key, value", [("activation_function", "relu"), ("n_inner", 100),
                                         ("scale_attn_weights", False), ("layer_norm_epsilon", 1e-6)])
 def test_unsupported_config_raises(tmp_path, key, value):
