@@ -141,7 +141,7 @@ def read_text(path, start, stop, errors, bar):
     """The text of bytes [start, stop) of a file, decoded as UTF-8 block by block. Undecodable bytes
     stop the run with where they are, or become U+FFFD with errors="replace"."""
     decoder = codecs.getincrementaldecoder("utf-8")(errors)
-    pos, line = start, 1
+    pos = start
     with open(path, "rb") as f:
         f.seek(start)
         while pos < stop:
@@ -153,15 +153,23 @@ def read_text(path, start, stop, errors, bar):
                 text = decoder.decode(data, final=pos + len(data) == stop)
             except UnicodeDecodeError as e:
                 where = pos - pending + e.start
-                line += data[:max(e.start - pending, 0)].count(b"\n")
-                fail(f"{path}: invalid UTF-8 at byte {where} (line {line}, counted from byte {start}); "
+                fail(f"{path}: invalid UTF-8 at byte {where} (line {line_number(path, where)}); "
                      f"fix the file or pass --errors=replace")
             if pos == 0:
                 text = text.removeprefix("\ufeff")  # a byte order mark is not text
             pos += len(data)
-            line += data.count(b"\n")
             bar.update(len(data))
             yield text
+
+
+def line_number(path, offset):
+    """1 + the line breaks before offset, for error messages."""
+    breaks = 0
+    with open(path, "rb") as f:
+        while offset > 0 and (block := f.read(min(offset, BLOCK_BYTES))):
+            breaks += block.count(b"\n")
+            offset -= len(block)
+    return breaks + 1
 
 
 def safe_cut(text):
@@ -181,23 +189,19 @@ def paragraphs(ranges, per_file, errors, bar):
     than LONG_DOC goes out in pieces as it is read, so memory does not grow with it."""
     bar.reset(total=sum(stop - start for _, start, stop in ranges))
     for path, start, stop in ranges:
-        doc, started = "", False  # started: part of doc already went out (already left-stripped)
+        doc = ""
         for text in read_text(path, start, stop, errors, bar):
             doc += text
             if not per_file:
                 *done, doc = BLANK_LINE.split(doc)
                 for d in done:
-                    d = d.rstrip() if started else d.strip()
-                    if d or started:
+                    if d := d.strip():
                         yield d, True
-                    started = False
             while len(doc) > LONG_DOC and (cut := safe_cut(doc)):
-                head, doc = doc[:cut] if started else doc[:cut].lstrip(), doc[cut:]
-                if head:
-                    yield head, False
-                    started = True
-        doc = doc.rstrip() if started else doc.strip()
-        if doc or started:
+                # what is left starts with a letter, so stripping it later only touches its end
+                yield doc[:cut].lstrip(), False
+                doc = doc[cut:]
+        if doc := doc.strip():
             yield doc, True
 
 
@@ -261,6 +265,9 @@ def split_ranges(paths, val_fraction):
         if cut < size:
             ranges["val"].append((path, cut, size))
         offset += size
+    if not ranges["train"] or not ranges["val"]:
+        fail(f"cannot split the text at {1 - val_fraction:.0%}: no line starts after that point; "
+             f"change --val_fraction or add text")
     return ranges
 
 
@@ -500,8 +507,10 @@ def main(argv=None):
     check(cfg)
     try:
         enc = gpt.get_tokenizer(cfg["tokenizer"])
-    except (ValueError, OSError) as e:  # OSError: tiktoken could not fetch its files
-        fail(f"cannot load tokenizer {cfg['tokenizer']!r}: {e}")
+    except ValueError as e:
+        fail(str(e))
+    except OSError as e:  # tiktoken could not fetch its files
+        fail(f"cannot load tokenizer {cfg['tokenizer']!r} (offline?): {e}")
     out_dir = Path(cfg["out_dir"] or Path("data") / cfg["dataset"])
     try:
         out_dir.mkdir(parents=True, exist_ok=True)
