@@ -316,7 +316,8 @@ def plot_log(log_path, png_path):
     records = [json.loads(line) for line in open(log_path)]
     steps = [r for r in records if "loss" in r]
     evals = [r for r in records if "val_loss" in r]
-    fig = Figure(figsize=(11, 7), layout="constrained")
+    fig = Figure(figsize=(11, 7))
+    fig.subplots_adjust(left=0.07, right=0.97, bottom=0.08, top=0.95, hspace=0.35, wspace=0.2)
     (ax_loss, ax_lr), (ax_speed, ax_mem) = fig.subplots(2, 2)
     ax_loss.plot([r["iter"] for r in steps], [r["loss"] for r in steps], lw=0.8, alpha=0.6, label="train (batch)")
     for key, label in (("train_loss", "train (eval)"), ("val_loss", "val")):

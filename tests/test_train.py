@@ -1,0 +1,252 @@
+"""train.py on a tiny model and generated data: the loss falls, resume is exact (after a SIGKILL
+too), 2 processes equal 1 with twice the accumulation, AMP runs on CPU, mistakes are one line."""
+import json
+import math
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import train
+from gpt import GPT, GPTConfig
+from prepare_data import write_tokens
+
+ROOT = Path(__file__).resolve().parent.parent
+VOCAB = 128
+TINY = ["--dataset=toy", "--n_layer=2", "--n_head=2", "--n_embd=32", "--block_size=32", "--batch_size=4",
+        "--eval_iters=2", "--log_interval=1", "--sample_prompt=A", "--sample_tokens=8", "--warmup_iters=2",
+        "--learning_rate=3e-3", "--min_lr=3e-4", "--dtype=float32", "--device=cpu", "--peak_flops=1e12"]
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+    """A random walk mod VOCAB in steps of 1 or 2: one bit per token (0.69 nats) to learn down to."""
+    root = tmp_path_factory.mktemp("data")
+    (root / "toy").mkdir()
+    rng = np.random.default_rng(0)
+    for split, n in (("train", 20000), ("val", 4000)):
+        write_tokens(root / "toy" / f"{split}.bin", np.cumsum(rng.choice([1, 2], size=n)) % VOCAB, VOCAB)
+    (root / "toy" / "meta.json").write_text(json.dumps({"tokenizer": "gpt2", "vocab_size": VOCAB, "eot_token": 50256}))
+    return root
+
+
+def command(args, data_dir, out_dir, tiny=True, nproc=1):
+    launcher = ["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"] if nproc > 1 else []
+    base = [*TINY, f"--data_dir={data_dir}"] if tiny else []
+    return [sys.executable, *launcher, str(ROOT / "train.py"), *base, f"--out_dir={out_dir}", *args]
+
+
+def run(args, data_dir, out_dir, **kw):
+    result = subprocess.run(command(args, data_dir, out_dir, **kw), capture_output=True, text=True, cwd=ROOT,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return result
+
+
+def read_log(out_dir):
+    records = [json.loads(line) for line in open(Path(out_dir) / "log.jsonl")]
+    return [r for r in records if "loss" in r], [r for r in records if "val_loss" in r]
+
+
+WHOLE = ["--max_iters=60", "--eval_interval=30", "--lr_decay_iters=60", "--dropout=0.1"]
+
+
+@pytest.fixture(scope="module")
+def trained(data_dir, tmp_path_factory):
+    out = tmp_path_factory.mktemp("trained")
+    result = run(WHOLE, data_dir, out)
+    return out, result
+
+
+def test_loss_falls_and_everything_is_logged(trained):
+    out, result = trained
+    steps, evals = read_log(out)
+    assert [r["iter"] for r in steps] == list(range(60))
+    assert [r["iter"] for r in evals] == [0, 30, 60]
+    assert evals[0]["val_loss"] == pytest.approx(math.log(VOCAB), abs=0.1)  # untrained: uniform guessing
+    assert evals[-1]["val_loss"] < evals[0]["val_loss"] - 1.0
+    assert steps[-1]["loss"] < steps[0]["loss"] - 1.0
+    for r in steps:
+        assert {"lr", "tokens_per_s", "ms", "mfu", "mem"} <= set(r) and r["tokens_per_s"] > 0 and r["mem"] > 0
+    assert all(isinstance(r["sample"], str) and r["sample"] for r in evals)
+    assert "MFU" in result.stdout and "tokens/s" in result.stdout and "ms/iter" in result.stdout
+    assert (out / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_checkpoint_is_plain_data_and_reproduces_the_logged_val_loss(trained, data_dir):
+    out, _ = trained
+    ckpt = torch.load(out / "ckpt.pt", weights_only=True)
+    assert not [k for k in ckpt["model"] if k.startswith("_orig_mod.")]
+    assert ckpt["iter"] == 60 and ckpt["config"]["n_layer"] == 2 and ckpt["tokenizer"] == "gpt2"
+    _, evals = read_log(out)
+    assert ckpt["best_val_loss"] == min(r["val_loss"] for r in evals)
+    model = train.model_from_checkpoint(ckpt)
+    get_batch = train.batch_loader(str(data_dir / "toy"), 4, 32, "cpu", train.DEFAULTS["seed"])
+    losses = train.evaluate(model, get_batch, 2, splits=("val",))
+    assert losses["val"] == pytest.approx(evals[-1]["val_loss"], abs=1e-5)
+
+
+def test_resume_is_exact(trained, data_dir, tmp_path):
+    run([*WHOLE, "--max_iters=30"], data_dir, tmp_path)
+    # the saved config supplies everything else: only what the command line names changes
+    run(["--init_from=resume", "--max_iters=60"], data_dir, tmp_path, tiny=False)
+    whole, halves = read_log(trained[0]), read_log(tmp_path)
+    assert [r["iter"] for r in halves[0]] == list(range(60))
+    assert [(r["loss"], r["lr"]) for r in halves[0]] == [(r["loss"], r["lr"]) for r in whole[0]]  # to the bit
+    assert [(r["val_loss"], r["sample"]) for r in halves[1]] == [(r["val_loss"], r["sample"]) for r in whole[1]]
+
+
+def test_sigkill_mid_training_resumes_from_the_last_checkpoint(data_dir, tmp_path):
+    out = tmp_path / "killed"
+    args = ["--max_iters=100000", "--lr_decay_iters=100000", "--eval_interval=10", "--dropout=0.1"]
+    proc = subprocess.Popen(command(args, data_dir, out), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    try:
+        deadline = time.time() + 120
+        while time.time() < deadline:  # kill it a few steps after its first real checkpoint (iter 10)
+            if (out / "log.jsonl").exists() and any(r["iter"] >= 13 for r in read_log(out)[0]):
+                break
+            time.sleep(0.05)
+        os.kill(proc.pid, signal.SIGKILL)
+    finally:
+        proc.wait()
+    assert proc.returncode == -signal.SIGKILL
+    before = {r["iter"]: r["loss"] for r in read_log(out)[0]}
+    ckpt = torch.load(out / "ckpt.pt", weights_only=True)
+    assert ckpt["iter"] % 10 == 0 and ckpt["iter"] >= 10
+    end = ckpt["iter"] + 5
+    run(["--init_from=resume", f"--max_iters={end}"], data_dir, out, tiny=False)
+    steps, _ = read_log(out)
+    assert [r["iter"] for r in steps] == list(range(end))  # no gap, no repeat
+    redone = [it for it in range(ckpt["iter"], end) if it in before]
+    assert redone and all(before[it] == steps[it]["loss"] for it in redone)  # the redone steps, bit for bit
+    assert torch.load(out / "ckpt.pt", weights_only=True)["iter"] == end
+
+
+def test_two_processes_equal_one_with_twice_the_accumulation(data_dir, tmp_path, capsys):
+    args = [*TINY, f"--data_dir={data_dir}", "--max_iters=6", "--eval_interval=3", "--dropout=0.1", "--eval_iters=3"]
+    train.main([*args, f"--out_dir={tmp_path / 'one'}", "--gradient_accumulation_steps=2"])
+    run([*args, "--gradient_accumulation_steps=1"], data_dir, tmp_path / "two", nproc=2)  # gloo
+    one, two = read_log(tmp_path / "one"), read_log(tmp_path / "two")
+    assert [r["iter"] for r in two[0]] == list(range(6)) and [r["iter"] for r in two[1]] == [0, 3, 6]
+    np.testing.assert_allclose([r["loss"] for r in two[0]], [r["loss"] for r in one[0]], rtol=0, atol=1e-5)
+    np.testing.assert_allclose([r["val_loss"] for r in two[1]], [r["val_loss"] for r in one[1]], rtol=0, atol=1e-5)
+    assert one[0][-1]["loss"] < one[0][0]["loss"]
+
+
+def test_bfloat16_autocast_runs_on_cpu(data_dir, tmp_path, capsys):
+    train.main([*TINY, f"--data_dir={data_dir}", f"--out_dir={tmp_path}", "--dtype=bfloat16", "--max_iters=3",
+                "--eval_interval=3"])
+    assert "bfloat16" in capsys.readouterr().out
+    steps, evals = read_log(tmp_path)
+    assert all(math.isfinite(r["loss"]) for r in steps) and math.isfinite(evals[-1]["val_loss"])
+    model = GPT(GPTConfig(block_size=32, vocab_size=VOCAB, n_layer=2, n_head=2, n_embd=32))
+    seen = []
+    model.lm_head.register_forward_hook(lambda module, inputs, output: seen.append(output.dtype))
+    optimizer = train.make_optimizer(model, 1e-3, 0.1, (0.9, 0.95), "cpu")
+    get_batch = train.batch_loader(str(data_dir / "toy"), 4, 32, "cpu", seed=0)
+    train.train_step(model, optimizer, train.make_scaler("cpu", "bfloat16"), get_batch, 0, 1e-3, dtype="bfloat16")
+    assert seen == [torch.bfloat16] and model.lm_head.weight.dtype == torch.float32  # bf16 compute, fp32 weights
+
+
+def test_float16_grad_scaler_state_is_checkpointed_and_restored(data_dir, tmp_path, capsys):
+    train.main([*TINY, f"--data_dir={data_dir}", f"--out_dir={tmp_path}", "--dtype=float16",
+                "--max_iters=2", "--eval_interval=2"])
+    scaler = torch.load(tmp_path / "ckpt.pt", weights_only=True)["scaler"]
+    assert scaler["scale"] > 0 and "_growth_tracker" in scaler
+    scaler["scale"] = 1024.0  # a value only a restored scaler would carry on from
+    ckpt = torch.load(tmp_path / "ckpt.pt", weights_only=True)
+    ckpt["scaler"] = scaler
+    torch.save(ckpt, tmp_path / "ckpt.pt")
+    train.main(["--init_from=resume", f"--out_dir={tmp_path}", "--max_iters=3"])
+    assert torch.load(tmp_path / "ckpt.pt", weights_only=True)["scaler"]["scale"] in (512.0, 1024.0)
+    assert not train.make_scaler("cpu", "bfloat16").is_enabled()
+
+
+def test_best_val_loss_is_not_overwritten_by_a_worse_one(trained, tmp_path, capsys):
+    out = tmp_path / "run"
+    shutil.copytree(trained[0], out)
+    ckpt = torch.load(out / "ckpt.pt", weights_only=True)
+    ckpt["best_val_loss"] = 0.5  # below anything this data allows (0.69)
+    torch.save(ckpt, out / "ckpt.pt")
+    train.main(["--init_from=resume", f"--out_dir={out}", "--max_iters=61"])
+    assert read_log(out)[1][-1]["val_loss"] > 0.5
+    assert torch.load(out / "ckpt.pt", weights_only=True)["best_val_loss"] == 0.5
+
+
+def one_line_exit(capsys, argv):
+    with pytest.raises(SystemExit) as e:
+        train.main(argv)
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and err.count("\n") == 1 and "Traceback" not in err
+    return err
+
+
+def test_unknown_option_is_one_line_naming_close_matches(capsys):
+    err = one_line_exit(capsys, ["--learning_rat=1e-3"])
+    assert "--learning_rat" in err and "--learning_rate" in err
+
+
+def test_resume_refuses_a_changed_model_shape_but_takes_a_new_lr(trained, tmp_path, capsys):
+    out = tmp_path / "run"
+    shutil.copytree(trained[0], out)
+    err = one_line_exit(capsys, ["--init_from=resume", f"--out_dir={out}", "--n_layer=3", "--learning_rate=1e-4"])
+    assert "n_layer=2" in err and "n_layer=3" in err
+    train.main(["--init_from=resume", f"--out_dir={out}", "--learning_rate=1e-4", "--max_iters=62"])  # > lr_decay_iters
+    steps, _ = read_log(out)
+    assert [r["iter"] for r in steps][-2:] == [60, 61] and steps[-1]["lr"] == 3e-4  # past lr_decay_iters: min_lr
+
+
+def test_resume_without_a_checkpoint_and_missing_data_are_one_line(tmp_path, capsys):
+    assert "no checkpoint" in one_line_exit(capsys, ["--init_from=resume", f"--out_dir={tmp_path}"])
+    assert "prepare_data.py" in one_line_exit(capsys, [f"--data_dir={tmp_path}", f"--out_dir={tmp_path}"])
+
+
+def test_compiled_model_checkpoints_without_orig_mod_keys(data_dir, tmp_path, monkeypatch, capsys):
+    compile_ = torch.compile  # the eager backend wraps the model as inductor does, without the C++ build
+    monkeypatch.setattr(torch, "compile", lambda model: compile_(model, backend="eager"))
+    train.main([*TINY, f"--data_dir={data_dir}", f"--out_dir={tmp_path}", "--compile=True", "--max_iters=2",
+                "--eval_interval=2"])
+    keys = torch.load(tmp_path / "ckpt.pt", weights_only=True)["model"].keys()
+    assert keys == GPT(GPTConfig(block_size=32, vocab_size=VOCAB, n_layer=2, n_head=2, n_embd=32)).state_dict().keys()
+
+
+def test_lr_schedule_warms_up_then_follows_a_cosine_to_min_lr():
+    lr = [train.lr_at(it, 1.0, 0.1, 10, 110) for it in range(120)]
+    assert lr[0] == pytest.approx(1 / 11) and lr[9] == pytest.approx(10 / 11)
+    assert lr[10] == pytest.approx(1.0) and lr[60] == pytest.approx(0.55) and lr[110:] == [0.1] * 10
+    assert all(a >= b for a, b in zip(lr[10:], lr[11:]))
+
+
+def test_optimizer_decays_matrices_only_and_holds_the_tied_embedding_once():
+    model = GPT(GPTConfig(block_size=16, vocab_size=VOCAB, n_layer=2, n_head=2, n_embd=32))
+    decay, no_decay = train.make_optimizer(model, 1e-3, 0.1, (0.9, 0.95), "cpu").param_groups
+    assert decay["weight_decay"] == 0.1 and no_decay["weight_decay"] == 0.0
+    names = {id(p): n for n, p in model.named_parameters()}  # named_parameters() lists the tied matrix once
+    assert sorted(names[id(p)] for p in decay["params"]) == sorted(n for n, p in model.named_parameters() if p.dim() == 2)
+    assert sum(p.numel() for g in (decay, no_decay) for p in g["params"]) == model.num_params(non_embedding=False)
+    assert any(p is model.lm_head.weight for p in decay["params"])
+
+
+def test_batches_are_windows_of_the_data_fixed_by_their_key(data_dir):
+    get_batch = train.batch_loader(str(data_dir / "toy"), 4, 32, "cpu", seed=1)
+    x, y = get_batch("train", 7, 3)
+    assert torch.equal(x, get_batch("train", 7, 3)[0]) and not torch.equal(x, get_batch("train", 7, 2)[0])
+    assert torch.equal(x[:, 1:], y[:, :-1])
+    step = (y - x) % VOCAB  # the walk moves by 1 or 2
+    assert ((step == 1) | (step == 2)).all()
+
+
+def test_interrupted_save_leaves_the_previous_checkpoint_whole(tmp_path):
+    path = tmp_path / "ckpt.pt"
+    train.save_checkpoint(path, {"iter": 1, "w": torch.ones(3)})
+    with pytest.raises(Exception):
+        train.save_checkpoint(path, {"iter": 2, "bad": lambda: 0})  # fails while writing
+    assert torch.load(path, weights_only=True)["iter"] == 1
