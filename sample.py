@@ -4,6 +4,10 @@
     python sample.py --init_from=path/to/hf_dir --start=FILE:prompt.txt --num_samples=3
     python sample.py --init_from=resume --out_dir=out-tinystories
     python sample.py --init_from=gpt2 --interactive     # one prompt per line on stdin
+    python sample.py --init_from=gpt2 --adapter=out-alpaca --instruction="Explain gravity to a child."
+
+--instruction (and --input) wraps the text in the Alpaca prompt that finetune_alpaca.py trains on
+and prints only the response; without --adapter, the same command shows the base model's answer.
 """
 import codecs
 import sys
@@ -11,7 +15,8 @@ import sys
 import torch
 
 from cli import autocast, configure, fail, pick_device, pick_dtype
-from gpt import GPT, DownloadError, get_tokenizer
+from finetune_alpaca import alpaca_prompt
+from gpt import GPT, DownloadError, get_tokenizer, load_adapter
 
 # ----------------------------------------------------------------------------- defaults
 init_from = "gpt2"      # gpt2 | gpt2-medium | gpt2-large | gpt2-xl | a local HF-format directory | resume
@@ -27,15 +32,26 @@ device = "auto"         # auto (cuda > mps > cpu) | cpu | cuda | cuda:1 | mps
 dtype = "auto"          # auto | float32 | bfloat16 | float16
 interactive = False     # read prompts from stdin, one per line, and answer each
 tokenizer = "gpt2"
+adapter = ""            # a LoRA or QLoRA adapter directory (adapter.json + adapter.safetensors) for init_from's model
+instruction = ""        # answer this instruction in the Alpaca format, printing only the response
+input = ""              # the instruction's input, if it has one
 # -----------------------------------------------------------------------------
 
 
 def load_model(cfg):
     """The model and the name of its tokenizer."""
     try:
-        return GPT.from_pretrained(cfg["init_from"]), cfg["tokenizer"]
+        model = GPT.from_pretrained(cfg["init_from"])
     except (ValueError, FileNotFoundError, DownloadError) as e:
         fail(str(e))
+    if cfg["adapter"]:
+        try:
+            base = load_adapter(model, cfg["adapter"])["base_model"]
+        except (OSError, ValueError, KeyError) as e:
+            fail(f"cannot load the adapter in {cfg['adapter']}: {e}")
+        if base != cfg["init_from"]:
+            print(f"note: the adapter was trained on {base}, it is applied to {cfg['init_from']}", file=sys.stderr)
+    return model, cfg["tokenizer"]
 
 
 def read_prompt(text):
@@ -82,6 +98,10 @@ def main(argv=None):
         fail(f"--top_p must be in (0, 1], got {cfg['top_p']}")
     if cfg["temperature"] < 0 or cfg["top_k"] < 0 or cfg["num_samples"] < 1:
         fail("--temperature and --top_k must be >= 0 and --num_samples >= 1")
+    if cfg["input"] and not cfg["instruction"]:
+        fail("--input goes with an --instruction")
+    if cfg["instruction"] and (cfg["start"] or cfg["interactive"]):
+        fail("--instruction makes its own prompt: leave out --start and --interactive")
     cfg["device"] = pick_device(cfg["device"])
     cfg["dtype"] = pick_dtype(cfg["dtype"], cfg["device"])
     torch.manual_seed(cfg["seed"])
@@ -95,7 +115,10 @@ def main(argv=None):
         for line in sys.stdin:
             stream(model, enc, encode_prompt(enc, line.rstrip("\n"), model.config.block_size), cfg, cfg["device"])
         return
-    ids = encode_prompt(enc, read_prompt(cfg["start"]), model.config.block_size)
+    if cfg["instruction"]:  # encoded as in training: the prompt's text is ordinary text
+        ids = enc.encode_ordinary(alpaca_prompt(cfg["instruction"], cfg["input"]))
+    else:
+        ids = encode_prompt(enc, read_prompt(cfg["start"]), model.config.block_size)
     for i in range(cfg["num_samples"]):
         if i:
             print("---------------")

@@ -1,0 +1,365 @@
+"""Instruction-tune GPT-2 on Stanford Alpaca: a full fine-tune, LoRA, or QLoRA (LoRA on 4-bit NF4 weights).
+
+    python finetune_alpaca.py --init_from=gpt2 --lora_rank=8 --batch_size=8
+    python finetune_alpaca.py --init_from=gpt2-medium --lora_rank=16 --quantize=nf4     # QLoRA
+    python finetune_alpaca.py --init_from=gpt2 --lora_rank=0 --subset=2000              # full fine-tune
+    python finetune_alpaca.py --init_from=resume --out_dir=out-alpaca                   # go on after a stop
+    python sample.py --init_from=gpt2 --adapter=out-alpaca --instruction="Explain gravity to a child."
+
+An example is a prompt, then the response followed by <|endoftext|>. The prompt is Stanford
+Alpaca's template, verbatim, then one newline: the template ends with "### Response:" and the
+response starts on the next line. sample.py --instruction builds its prompt with the same
+alpaca_prompt(), so the model sees at inference exactly what it saw in training. Prompt and
+response are tokenized separately, so the boundary between them is a token boundary; the loss
+skips the prompt (label -100, unless --mask_prompt=False) and the padding, and counts the
+<|endoftext|>, so the model learns to stop. Examples longer than max_seq_len tokens (prompt,
+response and <|endoftext|>) are dropped, not truncated: a cut response would teach the model to
+stop mid-sentence, or never. Batches are padded to their longest example only.
+
+Training reuses train.py's pieces: its LR schedule, AdamW, optimizer step (gradient accumulation,
+clipping, AMP, GradScaler), evaluation, atomic checkpoints, log and plot. As there, the batch of
+every micro-step is a pure function of (seed, iteration, index), so a resumed run repeats an
+uninterrupted one exactly. A LoRA run writes out_dir/adapter.safetensors + adapter.json (a few MB);
+a full fine-tune writes the whole model into out_dir/ckpt.pt; --merge=True also writes
+out_dir/merged, a Hugging Face-format model with the adapter folded in.
+"""
+import functools
+import json
+import math
+import os
+import time
+from dataclasses import asdict
+from types import SimpleNamespace
+
+import torch
+
+import gpt
+import train
+from cli import autocast, configure, fail, pick_device, pick_dtype
+
+# ----------------------------------------------------------------------------- defaults
+init_from = "gpt2"        # gpt2 | gpt2-medium | gpt2-large | gpt2-xl | a local HF directory | resume
+out_dir = "out-alpaca"
+# data
+data = "alpaca-cleaned"   # alpaca-cleaned (yahma's fixes of the original) | alpaca (Stanford's 52,002 records)
+data_path = ""            # a local JSON file in Alpaca's format instead: [{"instruction", "input", "output"}, ...]
+alpaca_url = "https://raw.githubusercontent.com/tatsu-lab/stanford_alpaca/main/alpaca_data.json"
+val_size = 500            # held-out records, chosen by the seed
+subset = 0                # train on only this many records (0: all of them)
+max_seq_len = 512         # longest example kept, in tokens
+mask_prompt = True        # no loss on the prompt's tokens
+# LoRA / QLoRA
+lora_rank = 8             # 0: a full fine-tune of every weight
+lora_alpha = 16.0
+lora_dropout = 0.05
+quantize = "none"         # none | nf4 (QLoRA: the base weights in 4 bits; needs lora_rank > 0)
+double_quant = True       # quantize NF4's scales too (4.127 instead of 4.5 bits per weight)
+merge = False             # at the end, also write out_dir/merged as a Hugging Face model
+# optimization
+batch_size = 8
+gradient_accumulation_steps = 4
+max_iters = 1000
+learning_rate = 0.0       # 0: 3e-4 with LoRA, 3e-5 for a full fine-tune; decays to a tenth
+warmup_iters = 50
+weight_decay = 0.0
+beta1 = 0.9
+beta2 = 0.999
+grad_clip = 1.0
+dropout = 0.0             # in the base model
+# evaluation and logs
+eval_interval = 100
+eval_iters = 20           # batches per split in an evaluation
+log_interval = 10
+eval_prompts = 3          # held-out instructions answered (greedily) at every evaluation
+sample_tokens = 128
+# system
+device = "auto"
+dtype = "auto"            # auto | float32 | bfloat16 | float16
+seed = 1337
+# -----------------------------------------------------------------------------
+DEFAULTS = {k: v for k, v in globals().items() if not k.startswith("_") and isinstance(v, (int, float, str))}
+# what a resumed run may not change: the data, its order and the trained layers
+FIXED_KEYS = ("data", "data_path", "val_size", "subset", "max_seq_len", "mask_prompt", "lora_rank", "lora_alpha",
+              "quantize", "double_quant", "batch_size", "gradient_accumulation_steps", "seed")
+
+# ----------------------------------------------------------------------------- prompts
+
+# Stanford Alpaca's templates (github.com/tatsu-lab/stanford_alpaca, train.py's PROMPT_DICT), verbatim
+PROMPT_WITH_INPUT = (
+    "Below is an instruction that describes a task, paired with an input that provides further context. "
+    "Write a response that appropriately completes the request.\n\n"
+    "### Instruction:\n{instruction}\n\n### Input:\n{input}\n\n### Response:"
+)
+PROMPT_NO_INPUT = (
+    "Below is an instruction that describes a task. "
+    "Write a response that appropriately completes the request.\n\n"
+    "### Instruction:\n{instruction}\n\n### Response:"
+)
+RESPONSE_SEPARATOR = "\n"  # between "### Response:" and the response; part of the prompt
+
+
+def alpaca_prompt(instruction, input=""):
+    """Everything the model reads before the response, in training and at inference."""
+    template = PROMPT_WITH_INPUT if input else PROMPT_NO_INPUT
+    return template.format(instruction=instruction, input=input) + RESPONSE_SEPARATOR
+
+
+def encode_example(enc, record):
+    """(ids, n_prompt): the prompt's tokens then the response's and <|endoftext|>; the first
+    n_prompt ids are the prompt. Text is encoded as ordinary text: an "<|endoftext|>" inside a
+    record is letters, not the special token."""
+    prompt = enc.encode_ordinary(alpaca_prompt(record["instruction"], record["input"]))
+    response = enc.encode_ordinary(record["output"]) + [enc.eot_token]
+    return prompt + response, len(prompt)
+
+
+def collate(examples, mask_prompt, pad_id):
+    """Inputs x and targets y (B, T), T the longest example's length - 1. y is x shifted by one,
+    with -100 (no loss) on the padding and, with mask_prompt, wherever the token to predict is
+    still part of the prompt: the first target is the response's first token."""
+    T = max(len(ids) for ids, _ in examples) - 1
+    x = torch.full((len(examples), T), pad_id, dtype=torch.long)
+    y = torch.full((len(examples), T), -100, dtype=torch.long)
+    for row, (ids, n_prompt) in enumerate(examples):
+        x[row, :len(ids) - 1] = torch.tensor(ids[:-1])
+        y[row, :len(ids) - 1] = torch.tensor(ids[1:])
+        if mask_prompt:
+            y[row, :n_prompt - 1] = -100
+    return x, y
+
+
+# ----------------------------------------------------------------------------- data
+
+def alpaca_file(c):
+    """The JSON file to train on: --data_path, or the chosen data set, downloaded once into the cache
+    (HF_ENDPOINT and --alpaca_url let a mirror stand in for the hub and GitHub)."""
+    if c.data_path:
+        return c.data_path
+    try:
+        if c.data == "alpaca-cleaned":
+            return gpt.hub_file("yahma/alpaca-cleaned", "alpaca_data_cleaned.json", repo_type="dataset")
+        if c.data == "alpaca":
+            return gpt.download(c.alpaca_url, gpt.cache_dir() / "alpaca" / "alpaca_data.json")
+    except gpt.DownloadError as e:
+        fail(str(e))
+    fail(f"--data={c.data} is not one of alpaca-cleaned, alpaca (or give --data_path=file.json)")
+
+
+def read_records(path):
+    """The records of an Alpaca-format file, each checked: instruction and output strings, input a
+    string or absent."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            records = json.load(f)
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        fail(f"cannot read {path} as Alpaca JSON: {e}")
+    if not isinstance(records, list) or not records:
+        fail(f"{path}: expected a non-empty JSON list of records")
+    for i, r in enumerate(records):
+        if not (isinstance(r, dict) and isinstance(r.get("instruction"), str) and isinstance(r.get("output"), str)
+                and isinstance(r.get("input", ""), str)):
+            fail(f"{path}: record {i} is not {{\"instruction\": str, \"input\": str, \"output\": str}}: {str(r)[:80]}")
+    return [{"instruction": r["instruction"], "input": r.get("input", ""), "output": r["output"]} for r in records]
+
+
+def split_records(records, val_size, subset, seed):
+    """(train, val): a shuffle seeded by seed, val_size records held out, then --subset of the rest.
+    The held-out records do not depend on subset, so runs on different subsets compare."""
+    if not 0 < val_size < len(records):
+        fail(f"--val_size={val_size} must be between 1 and the {len(records)} records minus one")
+    order = torch.randperm(len(records), generator=torch.Generator().manual_seed(train.seed_for(seed, "split")))
+    shuffled = [records[i] for i in order.tolist()]
+    rest = shuffled[val_size:]
+    return rest[:subset] if subset else rest, shuffled[:val_size]
+
+
+def tokenize(enc, records, max_seq_len, name):
+    examples = [encode_example(enc, r) for r in records]
+    kept = [e for e in examples if len(e[0]) <= max_seq_len]
+    if len(kept) < len(examples):
+        print(f"{name}: dropped {len(examples) - len(kept)} of {len(examples)} examples longer than "
+              f"max_seq_len={max_seq_len} tokens")
+    return kept
+
+
+def batch_loader(splits, batch_size, micro_per_step, mask_prompt, pad_id, device, seed):
+    """(get_batch, step_tokens). get_batch(split, key, index) is what train.train_step and
+    train.evaluate call: for key "eval", batch `index` of the split's examples in order; for an
+    iteration, micro-batch number key * micro_per_step + index of a walk through the training
+    examples, epoch after epoch, each epoch in its own order seeded by (seed, epoch).
+    step_tokens(it) counts the tokens the iteration reads."""
+    examples = splits["train"]
+    per_epoch = len(examples) // batch_size
+
+    @functools.lru_cache(maxsize=2)
+    def epoch_order(epoch):
+        gen = torch.Generator().manual_seed(train.seed_for(seed, "epoch", epoch))
+        return torch.randperm(len(examples), generator=gen).tolist()
+
+    def rows(split, key, index):
+        if key == "eval":
+            return splits[split][index * batch_size:(index + 1) * batch_size]
+        epoch, k = divmod(key * micro_per_step + index, per_epoch)
+        return [examples[i] for i in epoch_order(epoch)[k * batch_size:(k + 1) * batch_size]]
+
+    def get_batch(split, key, index):
+        x, y = collate(rows(split, key, index), mask_prompt, pad_id)
+        return x.to(device), y.to(device)
+
+    def step_tokens(it):
+        return sum(len(ids) - 1 for index in range(micro_per_step) for ids, _ in rows("train", it, index))
+
+    return get_batch, step_tokens
+
+
+# ----------------------------------------------------------------------------- model
+
+def prepare_model(c, ckpt, vocab_size):
+    """The model to train, with its trainable weights from ckpt when resuming: the base model as
+    given, or quantized to NF4, with LoRA layers on top, or all of it trainable (lora_rank=0)."""
+    if ckpt is not None and not c.lora_rank:
+        return train.model_from_checkpoint(ckpt)
+    model = train.build_model(SimpleNamespace(init_from=c.init_from, dropout=c.dropout, block_size=c.max_seq_len,
+                                              seed=c.seed), vocab_size, ckpt=None)
+    if c.quantize == "nf4":
+        gpt.quantize_model(model, c.double_quant)
+    if c.lora_rank:
+        torch.manual_seed(c.seed)  # A's random start: the same run twice is the same run
+        gpt.apply_lora(model, c.lora_rank, c.lora_alpha, c.lora_dropout)
+    if ckpt is not None:
+        with torch.no_grad():
+            for name, p in model.named_parameters():
+                if p.requires_grad:
+                    p.copy_(ckpt["adapter"][name])
+    return model
+
+
+@torch.no_grad()
+def respond(model, enc, record, max_new_tokens, device, dtype):
+    """The model's greedy response to a record's instruction (and input)."""
+    ids = enc.encode_ordinary(alpaca_prompt(record["instruction"], record["input"]))
+    model.eval()
+    with autocast(device, dtype):
+        out = model.generate(torch.tensor([ids], device=device), max_new_tokens, temperature=0, eos_id=enc.eot_token)
+    model.train()
+    new = out[0, len(ids):].tolist()
+    return enc.decode(new[:new.index(enc.eot_token)] if enc.eot_token in new else new)
+
+
+# ----------------------------------------------------------------------------- the run
+
+def check(c):
+    if c.quantize not in ("none", "nf4"):
+        fail(f"--quantize={c.quantize} is not one of none, nf4")
+    if c.quantize == "nf4" and not c.lora_rank:
+        fail("--quantize=nf4 freezes the base weights in 4 bits: it needs --lora_rank > 0 to train anything")
+    if c.init_from == "scratch":
+        fail("fine-tuning starts from trained weights: --init_from=gpt2 (or another GPT-2, or a HF directory)")
+    for key in ("batch_size", "gradient_accumulation_steps", "eval_interval", "eval_iters", "log_interval",
+                "max_seq_len", "sample_tokens"):
+        if getattr(c, key) < 1:
+            fail(f"--{key} must be at least 1, got {getattr(c, key)}")
+    if c.lora_rank < 0 or c.subset < 0 or c.eval_prompts < 0:
+        fail("--lora_rank, --subset and --eval_prompts must be >= 0")
+
+
+def main(argv=None):
+    cfg = configure(DEFAULTS, argv, doc=__doc__)
+    ckpt_path = os.path.join(cfg["out_dir"], "ckpt.pt")
+    ckpt = None
+    if cfg["init_from"] == "resume":
+        ckpt = train.load_checkpoint(ckpt_path)
+        saved = {k: ckpt["config"].get(k, v) for k, v in DEFAULTS.items()}
+        cfg = configure(saved, argv, doc=__doc__)
+        changed = [k for k in FIXED_KEYS if cfg[k] != saved[k]]
+        if changed:
+            fail(f"{ckpt_path} was trained with {', '.join(f'{k}={saved[k]!r}' for k in changed)}: a resumed run "
+                 f"cannot change {', '.join(changed)} (use a new --out_dir)")
+        cfg["init_from"] = saved["init_from"]  # the base model, so that the next resume finds it too
+    c = SimpleNamespace(**cfg)
+    check(c)
+    lr = c.learning_rate or (3e-4 if c.lora_rank else 3e-5)
+    device = pick_device(c.device)
+    dtype = pick_dtype(c.dtype, device)
+    enc = gpt.get_tokenizer("gpt2")
+
+    train_records, val_records = split_records(read_records(alpaca_file(c)), c.val_size, c.subset, c.seed)
+    splits = {"train": tokenize(enc, train_records, c.max_seq_len, "train"),
+              "val": tokenize(enc, val_records, c.max_seq_len, "val")}
+    if len(splits["train"]) < c.batch_size or not splits["val"]:
+        fail(f"{len(splits['train'])} training and {len(splits['val'])} validation examples fit in "
+             f"max_seq_len={c.max_seq_len}: too few for --batch_size={c.batch_size}")
+    get_batch, step_tokens = batch_loader(splits, c.batch_size, c.gradient_accumulation_steps, c.mask_prompt,
+                                          enc.eot_token, device, c.seed)
+    eval_iters = min(c.eval_iters, math.ceil(len(splits["val"]) / c.batch_size),
+                     math.ceil(len(splits["train"]) / c.batch_size))
+    held_out = val_records[:c.eval_prompts]
+
+    model = prepare_model(c, ckpt, enc.n_vocab).to(device)
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    mode = "full fine-tune" if not c.lora_rank else "QLoRA" if c.quantize == "nf4" else "LoRA"
+    print(f"{mode} of {c.init_from}: {trainable / 1e6:.2f}M of {model.num_params() / 1e6:.2f}M parameters train; "
+          f"{len(splits['train'])} training, {len(splits['val'])} validation examples; {device}, {dtype}")
+    optimizer = train.make_optimizer(model, lr, c.weight_decay, (c.beta1, c.beta2), device)
+    scaler = train.make_scaler(device, dtype)
+    start_iter, best_val_loss = 0, float("inf")
+    log_path = os.path.join(c.out_dir, "log.jsonl")
+    os.makedirs(c.out_dir, exist_ok=True)
+    if ckpt is not None:
+        optimizer.load_state_dict(ckpt["optimizer"])
+        if ckpt["scaler"]:
+            scaler.load_state_dict(ckpt["scaler"])
+        start_iter, best_val_loss = ckpt["iter"], ckpt["best_val_loss"]
+        train.truncate_log(log_path, ckpt["log_bytes"])
+    elif os.path.exists(log_path):
+        os.remove(log_path)
+
+    it = start_iter
+    t_last, it_last, tokens = time.perf_counter(), it, 0
+    while True:
+        if (it % c.eval_interval == 0 or it == c.max_iters) and not (ckpt is not None and it == start_iter):
+            losses = train.evaluate(model, get_batch, eval_iters, device=device, dtype=dtype)
+            best_val_loss = min(best_val_loss, losses["val"])
+            responses = [{**r, "response": respond(model, enc, r, c.sample_tokens, device, dtype)} for r in held_out]
+            print(f"eval {it}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f} (best {best_val_loss:.4f})")
+            for r in responses:
+                print(f"  {r['instruction']!r} -> {r['response']!r}")
+            train.log_record(log_path, {"iter": it, "train_loss": losses["train"], "val_loss": losses["val"],
+                                        "best_val_loss": best_val_loss, "responses": responses})
+            train.plot_log(log_path, os.path.join(c.out_dir, "loss.png"))
+            state = {"optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(), "iter": it,
+                     "best_val_loss": best_val_loss, "config": cfg, "model_args": asdict(model.config),
+                     "tokenizer": "gpt2", "log_bytes": os.path.getsize(log_path)}
+            if c.lora_rank:  # the frozen base comes back from init_from: keep only what trains
+                gpt.save_adapter(model, c.out_dir, base_model=c.init_from)
+                state["adapter"] = {n: p.detach() for n, p in model.named_parameters() if p.requires_grad}
+            else:
+                state["model"] = model.state_dict()
+            train.save_checkpoint(ckpt_path, state)
+            t_last, it_last, tokens = time.perf_counter(), it, 0
+        if it >= c.max_iters:
+            break
+
+        step_lr = train.lr_at(it, lr, lr / 10, c.warmup_iters, c.max_iters)
+        loss = train.train_step(model, optimizer, scaler, get_batch, it, step_lr, c.gradient_accumulation_steps,
+                                device=device, dtype=dtype, grad_clip=c.grad_clip, seed=c.seed)
+        tokens += step_tokens(it)
+        if it % c.log_interval == 0:
+            loss = loss.item()
+            seconds = time.perf_counter() - t_last
+            record = {"iter": it, "loss": loss, "lr": step_lr, "tokens_per_s": tokens / seconds,
+                      "ms": 1000 * seconds / (it + 1 - it_last), "mem": train.memory_mb(device)}
+            print(f"iter {it}: loss {loss:.4f}, lr {step_lr:.2e}, {record['ms']:.1f} ms/iter, "
+                  f"{record['tokens_per_s']:,.0f} tokens/s, mem {record['mem']:,.0f} MB", flush=True)
+            train.log_record(log_path, record)
+            t_last, it_last, tokens = time.perf_counter(), it + 1, 0
+        it += 1
+
+    if c.merge:
+        merged_dir = os.path.join(c.out_dir, "merged")
+        gpt.merge_and_unload(model).save_pretrained(merged_dir)
+        print(f"wrote the merged model to {merged_dir}")
+
+
+if __name__ == "__main__":
+    main()
