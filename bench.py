@@ -2,6 +2,7 @@
 
     python bench.py                      # everything
     python bench.py --only=generate      # one section (comma-separated names)
+    python bench.py --only=tokenize --tokenize_mb=20   # a section's arguments: --<section>_<argument>
 
 Each section returns rows (what, value, unit); where transformers is installed, it is measured in
 the same run as the reference to beat.
@@ -10,11 +11,13 @@ import json
 import multiprocessing
 import os
 import resource
+import subprocess
 import sys
 import tempfile
 import time
 from concurrent.futures import ProcessPoolExecutor
 
+import numpy as np
 import torch
 
 import gpt
@@ -118,18 +121,90 @@ def bench_finetune(n_layer=24, n_head=16, n_embd=1024, batch_size=2, seq_len=128
     return rows
 
 
-BENCHES = {"generate": bench_generate, "finetune": bench_finetune}
+CORPUS_WORDS = ("Once upon a time there was a little girl named Lily . She loved to play in the park with her "
+                "dog Max , and one day they found a big red ball under the old tree . \"Look!\" said Tom , "
+                "happy and excited . The sun was warm , the sky was blue , and everyone smiled because they "
+                "were friends who liked to share toys , cookies and stories about dragons , boats , 42 cars "
+                "and 7 kittens .").split()
+
+
+def make_corpus(path, mb, seed=0):
+    """About mb MB of TinyStories-like text: paragraphs of common words separated by blank lines."""
+    rng = np.random.default_rng(seed)
+    words = np.array(CORPUS_WORDS + ["\n\n"])
+    p = np.full(len(words), 1.0)
+    p[-1] = len(CORPUS_WORDS) / 150  # a paragraph every ~150 words
+    with open(path, "w") as f:
+        while f.tell() < mb * 1e6:
+            f.write(" ".join(words[rng.choice(len(words), 100_000, p=p / p.sum())].tolist()))
+
+
+def run_reporting_peak_rss(code, *args):
+    """Run python -c code args; (its output, its peak RSS in bytes). The child reads its own VmHWM:
+    its ru_maxrss would start from this (larger) process's size, which Linux carries over at exec."""
+    code += "; print('VmHWM', next(l.split()[1] for l in open('/proc/self/status') if l.startswith('VmHWM')))"
+    r = subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True,
+                       cwd=os.path.dirname(os.path.abspath(__file__)))
+    if r.returncode:
+        raise RuntimeError(f"prepare_data failed:\n{r.stderr}")
+    return r.stdout, int(r.stdout.split("VmHWM")[-1]) * 1024
+
+
+def bench_tokenize(mb=200, repeat=2):
+    """prepare_data.py text on a generated corpus of mb MB (its whole main(): reading, splitting,
+    tokenizing, writing; all cores) against tiktoken's encode_ordinary_batch alone on the same
+    paragraphs (all cores; reading and splitting not counted), and the peak RSS of the former.
+    The two alternate repeat times and each keeps its best, so a busy machine hurts both alike."""
+    import tiktoken
+    workers, enc = os.cpu_count(), tiktoken.get_encoding("gpt2")
+    with tempfile.TemporaryDirectory() as d:
+        corpus = os.path.join(d, "corpus.txt")
+        make_corpus(corpus, mb)
+        size = os.path.getsize(corpus)
+
+        def tiktoken_alone():
+            seconds, tokens, rest = 0.0, 0, ""
+            with open(corpus) as f:
+                while block := f.read(1 << 24):
+                    *docs, rest = (rest + block).split("\n\n")
+                    t0 = time.perf_counter()
+                    tokens += sum(map(len, enc.encode_ordinary_batch(docs, num_threads=workers)))
+                    seconds += time.perf_counter() - t0
+            return seconds, tokens
+
+        def prepare_data_script():
+            driver = ("import sys, time, prepare_data; t = time.perf_counter(); prepare_data.main(sys.argv[1:]); "
+                      "print('seconds', time.perf_counter() - t)")
+            out, peak = run_reporting_peak_rss(driver, "text", f"--input={corpus}", f"--out_dir={os.path.join(d, 'out')}",
+                                               f"--workers={workers}", "--force")
+            with open(os.path.join(d, "out", "meta.json")) as f:
+                tokens = sum(split["tokens"] for split in json.load(f)["splits"].values())
+            return float(out.split("seconds")[1].split()[0]), tokens, peak
+
+        runs = [(tiktoken_alone(), prepare_data_script()) for _ in range(repeat)]
+        (seconds, tokens), (seconds_ours, tokens_ours, peak) = min(r[0] for r in runs), min(r[1] for r in runs)
+        _, peak_import = run_reporting_peak_rss("import prepare_data")
+    return [("corpus", size / 1e6, "MB"),
+            (f"tiktoken encode_ordinary_batch, {workers} threads", size / 1e6 / seconds, "MB/s"),
+            ("tiktoken tokens/s", tokens / seconds / 1e6, "M tokens/s"),
+            (f"prepare_data.py text, {workers} workers", size / 1e6 / seconds_ours, "MB/s"),
+            ("prepare_data.py tokens/s (incl. EOT)", tokens_ours / seconds_ours / 1e6, "M tokens/s"),
+            ("prepare_data.py vs tiktoken", seconds / seconds_ours, "x"),
+            ("prepare_data.py peak RSS", peak / 2**20, "MiB"),
+            ("  of which importing it (torch, tiktoken)", peak_import / 2**20, "MiB")]
+
+BENCHES = {"generate": bench_generate, "finetune": bench_finetune, "tokenize": bench_tokenize}
 
 
 def main():
-    cfg = configure({"only": "", "out": "bench.json"}, doc=__doc__)
+    cfg = configure({"only": "", "out": "bench.json", "tokenize_mb": 200}, doc=__doc__)
     names = [n for n in cfg["only"].split(",") if n] or list(BENCHES)
     for n in names:
         if n not in BENCHES:
             fail(f"unknown section {n!r}: choose from {', '.join(BENCHES)}")
     results = {"threads": torch.get_num_threads(), "torch": torch.__version__}
     for name in names:
-        rows = BENCHES[name]()
+        rows = BENCHES[name](**{k.removeprefix(name + "_"): v for k, v in cfg.items() if k.startswith(name + "_")})
         results[name] = [{"what": w, "value": round(v, 3), "unit": u} for w, v, u in rows]
         for what, value, unit in rows:
             print(f"{name:10s} {what:45s} {value:12.2f} {unit}", flush=True)
