@@ -14,7 +14,7 @@ input, and the output bytes are the same whatever the number of threads.
 What counts as a document:
   tinystories   the text between lines holding <|endoftext|>, stripped, empty ones dropped. The
                 text before the first and after the last separator of each file is dropped too:
-                the files are cut from a longer stream, and the valid file starts mid-story.
+                the files are cut from a longer stream, and those ends can be broken stories.
   wikitext*     one article: the rows from one ` = Title = ` row to the next, joined as the lines
                 they were (an empty row is an empty line), stripped.
   text          the paragraphs between blank lines (--documents=paragraphs), or each file whole
@@ -79,7 +79,8 @@ def shard_writer(path, vocab_size):
         nonlocal count
         tokens = np.asarray(tokens)
         if tokens.size and not 0 <= int(tokens.min()) <= int(tokens.max()) < vocab_size:
-            raise ValueError(f"{path}: token ids must lie in [0, {vocab_size}), got {int(tokens.min())}..{int(tokens.max())}")
+            raise ValueError(f"{path}: token ids must lie in [0, {vocab_size}), "
+                             f"got {int(tokens.min())}..{int(tokens.max())}")
         count += tokens.size
         if count > MAX_TOKENS:
             raise ValueError(f"{path}: more than {MAX_TOKENS} tokens do not fit the header's int32 count")
@@ -207,9 +208,9 @@ def paragraphs(ranges, per_file, errors, bar):
 
 def stories(path, errors, bar):
     """(story, True) for each TinyStories story in a file; see the module docstring."""
-    rest, seen_separator = "", False
-    bar.reset(total=path.stat().st_size)
-    for text in read_text(path, 0, path.stat().st_size, errors, bar):
+    rest, seen_separator, size = "", False, path.stat().st_size
+    bar.reset(total=size)
+    for text in read_text(path, 0, size, errors, bar):
         *done, rest = (rest + text).split(EOT_TEXT)
         if done and not seen_separator:
             done, seen_separator = done[1:], True  # the fragment before the first separator
@@ -232,16 +233,18 @@ def articles(paths, bar):
     for path in paths:
         try:
             parquet = pq.ParquetFile(path)
-            rows, size = parquet.metadata.num_rows, path.stat().st_size
-            for batch in parquet.iter_batches(batch_size=8192, columns=["text"]):
-                for row in batch.column(0).to_pylist():
-                    if WIKI_TITLE.fullmatch(row) and (article := "".join(lines).strip()):
-                        yield article, True
-                        lines = []
-                    lines.append(row or "\n")
-                bar.update(size * batch.num_rows / rows)  # the file's bytes, in proportion
         except (OSError, ValueError) as e:  # pyarrow's errors derive from these
-            fail(f"{path}: not a WikiText parquet file with a 'text' column ({e})")
+            fail(f"{path}: not a parquet file ({e})")
+        if "text" not in parquet.schema_arrow.names:
+            fail(f"{path}: no 'text' column (it has {', '.join(parquet.schema_arrow.names)}); is it WikiText?")
+        rows, size = parquet.metadata.num_rows, path.stat().st_size
+        for batch in parquet.iter_batches(batch_size=8192, columns=["text"]):
+            for row in batch.column(0).to_pylist():
+                if WIKI_TITLE.fullmatch(row) and (article := "".join(lines).strip()):
+                    yield article, True
+                    lines = []
+                lines.append(row or "\n")
+            bar.update(size * batch.num_rows / rows)  # the file's bytes, in proportion
     if article := "".join(lines).strip():
         yield article, True
 
@@ -281,7 +284,8 @@ def encode(enc, segments):
     eot = np.array([enc.eot_token], dtype=np.uint32)
     parts = []
     for text, ends_document in segments:
-        parts.append(enc.encode_to_numpy(text, disallowed_special=()))  # = encode_ordinary, minus a Python list
+        # the same ids as encode_ordinary, without building a Python list
+        parts.append(enc.encode_to_numpy(text, disallowed_special=()))
         if ends_document:
             parts.append(eot)
     return np.concatenate(parts)
@@ -351,13 +355,15 @@ def tinystories(cfg):
 def wikitext(config, train_shards):
     repo = "Salesforce/wikitext"
     train = [hub(repo, f"{config}/train-{i:05d}-of-{train_shards:05d}.parquet") for i in range(train_shards)]
-    read = lambda paths, bar: articles(paths, bar)
-    return {"train": (train, read), "val": ([hub(repo, f"{config}/validation-00000-of-00001.parquet")], read)}
+    return {"train": (train, articles), "val": ([hub(repo, f"{config}/validation-00000-of-00001.parquet")], articles)}
 
 
 def plain_text(sources, per_file, cfg):
+    """Both splits of text files: the same files, cut in two by split_ranges."""
     def reader(split):
-        return lambda paths, bar: paragraphs(split_ranges(paths, cfg["val_fraction"])[split], per_file, cfg["errors"], bar)
+        def read(paths, bar):
+            return paragraphs(split_ranges(paths, cfg["val_fraction"])[split], per_file, cfg["errors"], bar)
+        return read
     return {split: (sources, reader(split)) for split in SPLITS}
 
 
@@ -404,9 +410,10 @@ def fetch(source):
     try:
         if "repo" in source:
             return gpt.hub_file(source["repo"], source["file"], repo_type="dataset")
-        if "url" in source:
+        if "url" in source:  # cached under its host and path: another URL is another file
             url = urlsplit(source["url"])
-            return gpt.download(source["url"], gpt.cache_dir() / "web" / url.netloc.replace(":", "_") / url.path.lstrip("/"))
+            where = gpt.cache_dir() / "web" / url.netloc.replace(":", "_") / url.path.lstrip("/")
+            return gpt.download(source["url"], where)
     except gpt.DownloadError as e:
         fail(str(e))
     return Path(source["path"])
@@ -484,12 +491,12 @@ def load_record(out_dir, current):
 
 def finished(record, split, sources, out_dir):
     """Is the split's shard there, intact, and made from these sources?"""
-    entry = record.get("splits", {}).get(split)
-    if not entry or [{k: v for k, v in s.items() if k != "sha256"} for s in entry["sources"]] != sources:
+    entry = record.get("splits", {}).get(split, {})
+    if [{k: v for k, v in s.items() if k != "sha256"} for s in entry.get("sources", [])] != sources:
         return False
     try:
         return len(read_tokens(out_dir / entry["file"])) == entry["tokens"]
-    except (OSError, ValueError):
+    except (OSError, ValueError, KeyError):
         return False
 
 
@@ -528,13 +535,17 @@ def main(argv=None):
 
     todo = [split for split in SPLITS if split not in done]
     paths = {split: [fetch(source) for source in plan[split][0]] for split in todo}
+    digests = {path: sha256(path) for path in {path for split in todo for path in paths[split]}}
     workers = cfg["workers"] or os.cpu_count()
     for split in todo:
         sources, read = plan[split]
-        tokens, documents = tokenize(out_dir / f"{split}.bin", lambda bar: read(paths[split], bar), enc, workers,
-                                     desc=f"{cfg['dataset']} {split}")
+        try:
+            tokens, documents = tokenize(out_dir / f"{split}.bin", lambda bar: read(paths[split], bar), enc, workers,
+                                         desc=f"{cfg['dataset']} {split}")
+        except OSError as e:  # a full disk, a file gone missing
+            fail(f"preparing {split}: {e}")
         done[split] = {"file": f"{split}.bin", "tokens": tokens, "documents": documents,
-                       "sources": [{**s, "sha256": sha256(p)} for s, p in zip(sources, paths[split])]}
+                       "sources": [{**s, "sha256": digests[p]} for s, p in zip(sources, paths[split])]}
         write_json(out_dir / "meta.json.partial", {**current, "splits": done})
         print(f"{out_dir / f'{split}.bin'}: {tokens:,} tokens in {documents:,} documents")
     write_json(out_dir / "meta.json", {**current, "splits": {split: done[split] for split in SPLITS}})

@@ -1,6 +1,7 @@
 """prepare_data.py against tiktoken: every dataset from generated files (the hub ones through a
 loopback mirror in the real layout), the shard format, re-runs, and every bad input."""
 import hashlib
+import io
 import json
 import random
 import re
@@ -8,6 +9,8 @@ import subprocess
 import sys
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 import tiktoken
 
@@ -315,9 +318,6 @@ def test_bad_utf8_stops_with_its_place_and_keeps_the_finished_split(tmp_path, ca
 
 def wikitext_parquet(rng, n_articles):
     """Rows as in Salesforce/wikitext's raw configs: one line each, '' for an empty line."""
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-    import io
     rows, articles = [], []
     for a in range(n_articles):
         title = " ".join(rng.choice(WORDS).capitalize() for _ in range(2))
@@ -371,6 +371,10 @@ def test_bad_inputs_exit_2_with_one_line_and_write_nothing(tmp_path, capsys, hub
     (tmp_path / "a_file").write_text("x")
     ok = str(tmp_path / "one_line.txt")
     out = f"--out_dir={tmp_path / 'out'}"
+    not_wikitext = io.BytesIO()
+    pq.write_table(pa.table({"line": ["a", "b"]}), not_wikitext)
+    for name in ("train-00000-of-00001", "validation-00000-of-00001"):
+        hub.add(f"datasets/Salesforce/wikitext/resolve/main/wikitext-2-raw-v1/{name}.parquet", not_wikitext.getvalue())
     cases = [
         (["nosuch", out], "unknown dataset 'nosuch': choose from tinystories, shakespeare, wikitext103"),
         ([out], "no dataset given"),
@@ -388,6 +392,7 @@ def test_bad_inputs_exit_2_with_one_line_and_write_nothing(tmp_path, capsys, hub
         (["text", f"--input={ok}", "--nosuch=1", out], "unknown option --nosuch"),
         (["shakespeare", "--url=ftp://x/y", out], "not an http(s) URL"),
         (["tinystories", out], "404"),
+        (["wikitext2", out], "train-00000-of-00001.parquet: no 'text' column (it has line)"),
     ]
     for argv, message in cases:
         expect_fail(capsys, argv, message)
