@@ -215,17 +215,12 @@ def batch_loader(splits, batch_size, micro_per_step, mask_prompt, pad_id, device
 # ----------------------------------------------------------------------------- model
 
 def prepare_model(c, ckpt, vocab_size):
-    """The model to train, with its trainable weights from ckpt when resuming: the base model as
-    given, or quantized to NF4, with LoRA layers on top, or all of it trainable (lora_rank=0)."""
+    """The model to train, as train.py builds it: the base model with LoRA layers (on NF4 weights
+    for QLoRA), or all of it trainable (lora_rank=0). A resumed full fine-tune comes whole from
+    its checkpoint; a resumed LoRA run rebuilds the frozen base from init_from and loads the rest."""
     if ckpt is not None and not c.lora_rank:
         return train.model_from_checkpoint(ckpt)
-    model = train.build_model(SimpleNamespace(init_from=c.init_from, dropout=c.dropout, block_size=c.max_seq_len,
-                                              seed=c.seed), vocab_size, ckpt=None)
-    if c.quantize == "nf4":
-        gpt.quantize_model(model, c.double_quant)
-    if c.lora_rank:
-        torch.manual_seed(c.seed)  # A's random start: the same run twice is the same run
-        gpt.apply_lora(model, c.lora_rank, c.lora_alpha, c.lora_dropout)
+    model = train.build_model(SimpleNamespace(**vars(c), block_size=c.max_seq_len), vocab_size, ckpt=None)
     if ckpt is not None:
         with torch.no_grad():
             for name, p in model.named_parameters():
@@ -249,18 +244,15 @@ def respond(model, enc, record, max_new_tokens, device, dtype):
 # ----------------------------------------------------------------------------- the run
 
 def check(c):
-    if c.quantize not in ("none", "nf4"):
-        fail(f"--quantize={c.quantize} is not one of none, nf4")
-    if c.quantize == "nf4" and not c.lora_rank:
-        fail("--quantize=nf4 freezes the base weights in 4 bits: it needs --lora_rank > 0 to train anything")
+    train.check_adapters(vars(c))
     if c.init_from == "scratch":
         fail("fine-tuning starts from trained weights: --init_from=gpt2 (or another GPT-2, or a HF directory)")
     for key in ("batch_size", "gradient_accumulation_steps", "eval_interval", "eval_iters", "log_interval",
                 "max_seq_len", "sample_tokens"):
         if getattr(c, key) < 1:
             fail(f"--{key} must be at least 1, got {getattr(c, key)}")
-    if c.lora_rank < 0 or c.subset < 0 or c.eval_prompts < 0:
-        fail("--lora_rank, --subset and --eval_prompts must be >= 0")
+    if c.subset < 0 or c.eval_prompts < 0:
+        fail("--subset and --eval_prompts must be >= 0")
 
 
 def main(argv=None):
@@ -269,13 +261,8 @@ def main(argv=None):
     ckpt = None
     if cfg["init_from"] == "resume":
         ckpt = train.load_checkpoint(ckpt_path)
-        saved = {k: ckpt["config"].get(k, v) for k, v in DEFAULTS.items()}
-        cfg = configure(saved, argv, doc=__doc__)
-        changed = [k for k in FIXED_KEYS if cfg[k] != saved[k]]
-        if changed:
-            fail(f"{ckpt_path} was trained with {', '.join(f'{k}={saved[k]!r}' for k in changed)}: a resumed run "
-                 f"cannot change {', '.join(changed)} (use a new --out_dir)")
-        cfg["init_from"] = saved["init_from"]  # the base model, so that the next resume finds it too
+        cfg = train.resumed_config(ckpt, ckpt_path, DEFAULTS, FIXED_KEYS, argv, __doc__)
+        cfg["init_from"] = ckpt["config"]["init_from"]  # the base model, so that the next resume finds it too
     c = SimpleNamespace(**cfg)
     check(c)
     lr = c.learning_rate or (3e-4 if c.lora_rank else 3e-5)

@@ -5,6 +5,7 @@
     torchrun --standalone --nproc_per_node=2 train.py config/tinystories.py
     python train.py --init_from=resume --out_dir=out-tinystories
     python train.py --init_from=gpt2 --dataset=shakespeare --learning_rate=3e-5
+    python train.py --init_from=gpt2 --dataset=wikitext2 --lora_rank=8 --quantize=nf4   # QLoRA
 
 Settings: the defaults below, then config files given as bare arguments, then --key=value.
 The pieces (batches, LR schedule, AdamW, DDP, one optimizer step, evaluation, checkpoints, the log
@@ -30,7 +31,7 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from cli import autocast, configure, fail, pick_device, pick_dtype
-from gpt import GPT, CausalSelfAttention, DownloadError, GPTConfig, get_tokenizer
+from gpt import GPT, CausalSelfAttention, DownloadError, GPTConfig, apply_lora, get_tokenizer, quantize_model
 from prepare_data import read_tokens
 
 # ----------------------------------------------------------------------------- defaults
@@ -59,6 +60,11 @@ dropout = 0.0
 bias = True
 pos_emb = "learned"       # learned | rope
 mlp = "gelu"              # gelu | swiglu
+# parameter-efficient training: LoRA adapters on frozen weights (gpt.py's lora and nf4 sections)
+lora_rank = 0             # 0: train every weight
+lora_alpha = 16.0
+lora_dropout = 0.05
+quantize = "none"         # none | nf4: the frozen block weights in 4 bits, QLoRA (needs lora_rank > 0)
 # AdamW and the learning-rate schedule
 learning_rate = 6e-4
 max_iters = 5000
@@ -77,7 +83,8 @@ seed = 1337
 peak_flops = 0.0          # FLOP/s that MFU is measured against; 0: A100 bf16 (312e12) on CUDA, a measured matmul elsewhere
 # -----------------------------------------------------------------------------
 DEFAULTS = {k: v for k, v in globals().items() if not k.startswith("_") and isinstance(v, (int, float, str))}
-MODEL_KEYS = ("n_layer", "n_head", "n_embd", "block_size", "bias", "pos_emb", "mlp")  # fixed once a run starts
+MODEL_KEYS = ("n_layer", "n_head", "n_embd", "block_size", "bias", "pos_emb", "mlp",  # fixed once a run starts
+              "lora_rank", "lora_alpha", "quantize")
 
 
 # ----------------------------------------------------------------------------- batches
@@ -250,9 +257,44 @@ def load_checkpoint(path):
         fail(f"{path} is not a loadable checkpoint: {str(e).splitlines()[0]}")
 
 
+def resumed_config(ckpt, ckpt_path, defaults, fixed_keys, argv=None, doc=None):
+    """The settings of a resumed run: the saved run's become the defaults, so the command line
+    changes only what it names, and it may not change fixed_keys (the model's shape, ...)."""
+    saved = {k: ckpt["config"].get(k, v) for k, v in defaults.items()}
+    cfg = configure(saved, argv, doc=doc)
+    changed = [k for k in fixed_keys if cfg[k] != saved[k]]
+    if changed:
+        fail(f"{ckpt_path} was trained with {', '.join(f'{k}={saved[k]!r}' for k in changed)}; resuming cannot "
+             f"change that to {', '.join(f'{k}={cfg[k]!r}' for k in changed)} (use a new --out_dir)")
+    return cfg
+
+
+def check_adapters(cfg):
+    """Catch a bad LoRA/QLoRA setting before any weights are downloaded."""
+    if cfg["lora_rank"] < 0:
+        fail(f"--lora_rank must be >= 0, got {cfg['lora_rank']}")
+    if cfg["quantize"] not in ("none", "nf4"):
+        fail(f"--quantize={cfg['quantize']} is not one of none, nf4")
+    if cfg["quantize"] == "nf4" and not cfg["lora_rank"]:
+        fail("--quantize=nf4 freezes the weights in 4 bits: it needs --lora_rank > 0 to train anything")
+
+
+def add_adapters(model, cfg):
+    """With lora_rank > 0 only adapters train: the block weights go to NF4 if quantize is "nf4"
+    (QLoRA), then LoRA layers wrap them and everything else freezes. A resumed run does the same
+    before loading its checkpoint, so that the layers and their names match."""
+    rank, quantize = cfg.get("lora_rank", 0), cfg.get("quantize", "none")
+    if quantize == "nf4":
+        quantize_model(model, cfg.get("double_quant", True))
+    if rank:
+        torch.manual_seed(cfg["seed"])  # the adapters' random start, the same in every process
+        apply_lora(model, rank, cfg["lora_alpha"], cfg["lora_dropout"])
+    return model
+
+
 def model_from_checkpoint(ckpt):
-    """The trained model of a checkpoint, on the CPU."""
-    model = GPT(GPTConfig(**ckpt["model_args"]))
+    """The trained model of a checkpoint (with its adapters, if it has any), on the CPU."""
+    model = add_adapters(GPT(GPTConfig(**ckpt["model_args"])), ckpt["config"])
     model.load_state_dict(ckpt["model"])
     return model
 
@@ -358,6 +400,8 @@ def build_model(c, vocab_size, ckpt):
                 module.p = c.dropout
             elif isinstance(module, CausalSelfAttention):  # its dropout is an argument of the SDPA kernel
                 module.dropout = c.dropout
+    if ckpt is None:
+        add_adapters(model, vars(c))
     if c.block_size > model.config.block_size:
         fail(f"--block_size={c.block_size} is longer than the model's context of {model.config.block_size}")
     if vocab_size > model.config.vocab_size:
@@ -371,17 +415,12 @@ def main(argv=None):
     ckpt = None
     if cfg["init_from"] == "resume":
         ckpt = load_checkpoint(ckpt_path)
-        # the saved run's settings become the defaults: the command line changes only what it names
-        saved = {k: ckpt["config"].get(k, v) for k, v in DEFAULTS.items()}
-        cfg = configure(saved, argv, doc=__doc__)
-        changed = [k for k in MODEL_KEYS if cfg[k] != saved[k]]
-        if changed:
-            fail(f"{ckpt_path} was trained with {', '.join(f'{k}={saved[k]!r}' for k in changed)}; resuming cannot "
-                 f"change the model's shape to {', '.join(f'{k}={cfg[k]!r}' for k in changed)} (use a new --out_dir)")
+        cfg = resumed_config(ckpt, ckpt_path, DEFAULTS, MODEL_KEYS, argv, __doc__)
     c = SimpleNamespace(**cfg)
     for key in ("batch_size", "block_size", "gradient_accumulation_steps", "eval_interval", "eval_iters", "log_interval"):
         if cfg[key] < 1:
             fail(f"--{key} must be at least 1, got {cfg[key]}")
+    check_adapters(cfg)
 
     rank, world_size, device = setup_ddp(pick_device(c.device))
     master = rank == 0  # only the first process writes files and prints

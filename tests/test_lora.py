@@ -168,3 +168,42 @@ def test_lora_layer_follows_the_input_through_autocast():
     assert y.dtype == torch.bfloat16
     F.mse_loss(y.float(), torch.zeros_like(y, dtype=torch.float32)).backward()
     assert layer.lora_B.grad.dtype == torch.float32
+
+
+def test_train_py_qlora_on_a_text_corpus_trains_adapters_only_and_resumes_exactly(tmp_path):
+    """train.py --lora_rank --quantize=nf4: the 4-bit base stays as quantized, the adapters learn,
+    the checkpoint rebuilds the same layers, and a resumed run repeats an uninterrupted one."""
+    np = pytest.importorskip("numpy")
+    import train
+    from prepare_data import write_tokens
+    data = tmp_path / "data" / "toy"
+    data.mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    for split, n in (("train", 8000), ("val", 2000)):  # a random walk mod 128 in steps of 1 or 2
+        write_tokens(data / f"{split}.bin", np.cumsum(rng.choice([1, 2], size=n)) % 128, 128)
+    (data / "meta.json").write_text(json.dumps({"tokenizer": "gpt2", "vocab_size": 128, "eot_token": 50256}))
+    base = tiny_model(block_size=64, vocab_size=128)
+    base.save_pretrained(tmp_path / "base")
+    args = [f"--init_from={tmp_path / 'base'}", "--dataset=toy", f"--data_dir={tmp_path / 'data'}", "--lora_rank=4",
+            "--quantize=nf4", "--max_iters=6", "--lr_decay_iters=6", "--eval_interval=3", "--batch_size=4", "--block_size=32",
+            "--eval_iters=2", "--log_interval=1", "--sample_prompt=A", "--sample_tokens=4", "--learning_rate=1e-2", "--warmup_iters=1",
+            "--dtype=float32", "--device=cpu", "--peak_flops=1e12"]
+    train.main([*args, f"--out_dir={tmp_path / 'whole'}"])
+    train.main([*args, f"--out_dir={tmp_path / 'halves'}", "--max_iters=3"])
+    train.main(["--init_from=resume", f"--out_dir={tmp_path / 'halves'}", "--max_iters=6"])
+
+    def numbers(run):
+        records = [json.loads(line) for line in open(tmp_path / run / "log.jsonl")]
+        return [(r["iter"], r.get("loss"), r.get("val_loss")) for r in records]
+
+    assert numbers("halves") == numbers("whole")
+    evals = [v for _, _, v in numbers("whole") if v is not None]
+    assert evals[-1] < evals[0]
+    model = train.model_from_checkpoint(train.load_checkpoint(tmp_path / "whole" / "ckpt.pt"))
+    layer = model.transformer.h[1].mlp.c_fc
+    assert isinstance(layer, gpt.LoRALinear) and isinstance(layer.base, gpt.NF4Linear)
+    assert layer.lora_B.abs().sum() > 0
+    expected = gpt.nf4_quantize(base.transformer.h[1].mlp.c_fc.weight)
+    assert all(torch.equal(t, expected[name]) for name, t in layer.base.quantized().items())
+    with pytest.raises(SystemExit):  # the adapters' shape is fixed once a run starts
+        train.main(["--init_from=resume", f"--out_dir={tmp_path / 'whole'}", "--lora_rank=8"])
