@@ -380,7 +380,7 @@ def _fetch(url, part, sha256, size):
         total = size or (int(r.headers["Content-Length"]) + have if "Content-Length" in r.headers else None)
         with open(part, "ab" if have else "wb") as f, tqdm(
                 total=total, initial=have, unit="B", unit_scale=True, desc=part.name[:-5], disable=None) as bar:
-            for chunk in r.iter_content(chunk_size=1 << 20):
+            for chunk in r.iter_content(chunk_size=1 << 16):  # a cut loses at most this much
                 f.write(chunk)
                 bar.update(len(chunk))
             f.flush()
