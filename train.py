@@ -294,6 +294,9 @@ def add_adapters(model, cfg):
 
 def model_from_checkpoint(ckpt):
     """The trained model of a checkpoint (with its adapters, if it has any), on the CPU."""
+    if "model" not in ckpt:  # finetune_alpaca.py keeps a LoRA run's adapters alone
+        fail(f"this checkpoint holds LoRA adapters only: load them with --init_from={ckpt['config']['init_from']} "
+             f"--adapter=<its out_dir>")
     model = add_adapters(GPT(GPTConfig(**ckpt["model_args"])), ckpt["config"])
     model.load_state_dict(ckpt["model"])
     return model

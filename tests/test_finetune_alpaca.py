@@ -7,6 +7,7 @@ import os
 import random
 import subprocess
 import sys
+from types import SimpleNamespace
 
 import pytest
 import tiktoken
@@ -160,6 +161,22 @@ def hub(tmp_path_factory):
         yield mirror
 
 
+def test_data_sources_go_through_the_cache(hub, tmp_path):
+    records = make_records(5, seed=3)
+    hub.add("stanford/alpaca_data.json", json.dumps(records).encode(), lfs=False)
+    c = SimpleNamespace(data="alpaca", data_path="", alpaca_url=f"{hub.url}/stanford/alpaca_data.json")
+    path = fa.alpaca_file(c)
+    assert path == gpt.cache_dir() / "alpaca" / "alpaca_data.json" and fa.read_records(path) == records
+    cleaned = fa.alpaca_file(SimpleNamespace(data="alpaca-cleaned", data_path="", alpaca_url=""))
+    assert cleaned == gpt.cache_dir() / "datasets" / "yahma/alpaca-cleaned" / "alpaca_data_cleaned.json"
+    assert json.loads(cleaned.read_text()) == make_records()
+    (tmp_path / "mine.json").write_text(json.dumps(records))
+    assert fa.alpaca_file(SimpleNamespace(data="ignored", data_path=str(tmp_path / "mine.json"))) == str(tmp_path / "mine.json")
+    requests = len(hub.requests)
+    fa.alpaca_file(c)
+    assert len(hub.requests) == requests  # cached: no second download
+
+
 MODES = {"lora": ["--lora_rank=4", "--lora_alpha=8"],
          "qlora": ["--lora_rank=4", "--lora_alpha=8", "--quantize=nf4"],
          "full": ["--lora_rank=0", "--learning_rate=1e-3"]}
@@ -216,6 +233,10 @@ def test_run_crash_resume_and_sample(mode, hub, tmp_path, monkeypatch, capsys):
         return
     assert set(ckpt["adapter"]) == set(gpt.read_safetensors(straight / "adapter.safetensors"))
     assert all(k.endswith(gpt.LORA_SUFFIXES) for k in ckpt["adapter"]) and "model" not in ckpt
+    capsys.readouterr()
+    with pytest.raises(SystemExit):  # what sample.py --init_from=resume would do with it
+        train.model_from_checkpoint(ckpt)
+    assert "--init_from=gpt2 --adapter=" in capsys.readouterr().err
     adapter = json.loads((straight / "adapter.json").read_text())
     assert adapter["base_model"] == "gpt2" and adapter["quantize"] == ("nf4" if mode == "qlora" else None)
     resumed = gpt.read_safetensors(crashed / "adapter.safetensors")
