@@ -616,8 +616,8 @@ BLOCK_LINEARS = ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj")  # the 
 def nf4_levels():
     """The 16 NF4 values, computed as bitsandbytes' create_normal_map does (the QLoRA paper's table):
     8 positive quantiles and 7 negative ones around an exact zero, so zeros (and padding) survive."""
-    # the outermost quantile of N(0, 1) is infinite; the paper stops at the mean of the
-    # 1 - 1/(2*15) and 1 - 1/(2*16) quantiles (for 15 and 16 levels), 0.9677
+    # the quantile at probability 1 is infinite; the paper's outermost one is at 0.9677, halfway
+    # between 1 - 1/(2*15) and 1 - 1/(2*16) (half a step in from the end, for 15 and 16 levels)
     offset = (1 - 1 / (2 * 15) + 1 - 1 / (2 * 16)) / 2
 
     def normal_quantile(p):
