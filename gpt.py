@@ -184,8 +184,10 @@ class GPT(nn.Module):
             nn.init.zeros_(module.bias)
 
     def num_params(self, non_embedding=True):
-        """Parameters counted once (the tied matrix too); without the position table by default."""
+        """Parameters counted once (the tied matrix too); without the position table by default.
+        4-bit weights (NF4Linear, below) are buffers, not parameters, and count too."""
         n = sum(p.numel() for p in self.parameters())
+        n += sum(m.in_features * m.out_features for m in self.modules() if isinstance(m, NF4Linear))
         if non_embedding and self.config.pos_emb == "learned":
             n -= self.transformer.wpe.weight.numel()
         return n
@@ -211,7 +213,7 @@ class GPT(nn.Module):
         logits = self.lm_head(self.hidden_states(idx))
         loss = None
         if targets is not None:
-            loss = F.cross_entropy(logits.view(-1, logits.size(-1)).float(), targets.view(-1), ignore_index=-100)
+            loss = F.cross_entropy(logits.view(-1, logits.size(-1)).float(), targets.reshape(-1), ignore_index=-100)
         return logits, loss
 
     # ------------------------------------------------------------------------- generation

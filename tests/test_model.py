@@ -145,6 +145,14 @@ def test_loss_with_ignore_index_matches_transformers(tmp_path):
     assert abs(loss.item() - manual.item()) <= 1e-5
 
 
+def test_targets_may_be_a_slice_of_the_input():
+    model = GPT(GPTConfig(block_size=32, vocab_size=64, n_layer=1, n_head=2, n_embd=16)).eval()
+    seq = torch.randint(0, 64, (2, 17))
+    x, y = seq[:, :-1], seq[:, 1:]  # y is not contiguous
+    with torch.no_grad():
+        assert torch.equal(model(x, y)[1], model(x, y.contiguous())[1])
+
+
 # ----------------------------------------------------------------------------- init
 
 def test_gpt2_init():

@@ -126,7 +126,9 @@ def test_quantize_model_replaces_block_linears_only():
     torch.manual_seed(0)
     model = GPT(GPTConfig(**CONFIG))
     dense_bytes = sum(p.numel() * 4 for p in model.transformer.h.parameters())
+    n_params = model.num_params()
     gpt.quantize_model(model)
+    assert model.num_params() == n_params  # 4-bit weights are buffers, still counted
     for block in model.transformer.h:
         for path in gpt.BLOCK_LINEARS:
             assert isinstance(block.get_submodule(path), gpt.NF4Linear)
