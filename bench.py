@@ -196,11 +196,58 @@ def bench_tokenize(mb=200, repeat=2):
             ("prepare_data.py peak RSS", peak / 2**20, "MiB"),
             ("  of which importing it (torch, tiktoken)", peak_import / 2**20, "MiB")]
 
-BENCHES = {"generate": bench_generate, "finetune": bench_finetune, "tokenize": bench_tokenize}
+
+def bench_train(steps=5, n_layer=6, n_head=6, n_embd=384, block_size=256, batch_size=8):
+    """Training throughput at a fixed shape (GPT-2 vocabulary, random tokens, AdamW, clipping) in
+    float32 and bfloat16 autocast, through train.py's own train_step; MFU against the matmul peak
+    of the same dtype measured just before; transformers' GPT2LMHeadModel at the same shape, dtype,
+    optimizer and clipping is the bar to meet."""
+    from train import flops_per_token, make_optimizer, make_scaler, matmul_flops, train_step
+    from cli import autocast
+    torch.manual_seed(0)
+    config = GPTConfig(block_size=block_size, n_layer=n_layer, n_head=n_head, n_embd=n_embd)
+    x, y = (torch.randint(0, config.vocab_size, (batch_size, block_size)) for _ in range(2))
+    tokens = batch_size * block_size
+    try:
+        from transformers import GPT2Config, GPT2LMHeadModel
+    except ImportError:
+        GPT2LMHeadModel = None
+    rows = []
+    for dtype in ("float32", "bfloat16"):
+        peak = matmul_flops("cpu", dtype, n=2048, seconds=2.0)
+        rows.append((f"{dtype} matmul peak (2048x2048)", peak / 1e12, "TFLOP/s"))
+        model = GPT(config)
+        optimizer, scaler = make_optimizer(model, 1e-4, 0.1, (0.9, 0.95), "cpu"), make_scaler("cpu", dtype)
+        ours = timed(lambda: train_step(model, optimizer, scaler, lambda *key: (x, y), 0, 1e-4, dtype=dtype),
+                     repeat=steps)
+        rows.append((f"{dtype} train step, ours", tokens / ours, "tokens/s"))
+        rows.append((f"{dtype} MFU, ours", 100 * flops_per_token(config, model.num_params(), block_size) * tokens
+                     / ours / peak, "%"))
+        if GPT2LMHeadModel is None:
+            continue
+        hf = GPT2LMHeadModel(GPT2Config(n_layer=n_layer, n_head=n_head, n_embd=n_embd, n_positions=block_size,
+                                        resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0))
+        hf_optimizer = make_optimizer(hf, 1e-4, 0.1, (0.9, 0.95), "cpu")
+
+        def hf_step():
+            with autocast("cpu", dtype):
+                loss = hf(input_ids=x, labels=y).loss
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(hf.parameters(), 1.0)
+            hf_optimizer.step()
+            hf_optimizer.zero_grad(set_to_none=True)
+        theirs = timed(hf_step, repeat=steps)
+        rows.append((f"{dtype} train step, transformers", tokens / theirs, "tokens/s"))
+        rows.append((f"{dtype} ours vs transformers", theirs / ours, "x"))
+    return rows
+
+
+BENCHES = {"generate": bench_generate, "finetune": bench_finetune, "tokenize": bench_tokenize, "train": bench_train}
 
 
 def main():
-    cfg = configure({"only": "", "out": "bench.json", "tokenize_mb": 200, "finetune_n_layer": 24}, doc=__doc__)
+    cfg = configure({"only": "", "out": "bench.json", "tokenize_mb": 200, "finetune_n_layer": 24, "train_steps": 5},
+                    doc=__doc__)
     names = [n for n in cfg["only"].split(",") if n] or list(BENCHES)
     for n in names:
         if n not in BENCHES:

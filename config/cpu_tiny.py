@@ -1,0 +1,28 @@
+# A few minutes on a laptop CPU: a 7M-parameter GPT on Tiny Shakespeare that learns the play's
+# layout (speaker names, verse lines) and some words.
+#   python prepare_data.py shakespeare
+#   python train.py config/cpu_tiny.py
+# Most of the compute is the 50257-way output layer, which is why the model is this narrow.
+out_dir = "out-cpu-tiny"
+dataset = "shakespeare"
+sample_prompt = "ROMEO:"
+eval_interval = 200
+eval_iters = 20
+log_interval = 20
+
+n_layer = 4
+n_head = 4
+n_embd = 128
+block_size = 128
+dropout = 0.1
+
+batch_size = 8
+learning_rate = 2e-3
+min_lr = 2e-4
+max_iters = 1000
+warmup_iters = 50
+weight_decay = 0.1
+beta2 = 0.99                      # small batches: a longer memory for the second moment
+
+device = "cpu"
+dtype = "float32"
