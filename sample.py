@@ -10,6 +10,7 @@
 and prints only the response; without --adapter, the same command shows the base model's answer.
 """
 import codecs
+import os
 import sys
 
 import torch
@@ -17,6 +18,7 @@ import torch
 from cli import autocast, configure, fail, pick_device, pick_dtype
 from finetune_alpaca import alpaca_prompt
 from gpt import GPT, DownloadError, get_tokenizer, load_adapter
+from train import load_checkpoint, model_from_checkpoint
 
 # ----------------------------------------------------------------------------- defaults
 init_from = "gpt2"      # gpt2 | gpt2-medium | gpt2-large | gpt2-xl | a local HF-format directory | resume
@@ -40,6 +42,11 @@ input = ""              # the instruction's input, if it has one
 
 def load_model(cfg):
     """The model and the name of its tokenizer."""
+    if cfg["init_from"] == "resume":  # the last checkpoint of a train.py run
+        if cfg["adapter"]:
+            fail("--adapter goes with a base model (--init_from=gpt2, ...), not with --init_from=resume")
+        ckpt = load_checkpoint(os.path.join(cfg["out_dir"], "ckpt.pt"))
+        return model_from_checkpoint(ckpt), ckpt["tokenizer"]
     try:
         model = GPT.from_pretrained(cfg["init_from"])
     except (ValueError, FileNotFoundError, DownloadError) as e:

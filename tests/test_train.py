@@ -250,3 +250,17 @@ def test_interrupted_save_leaves_the_previous_checkpoint_whole(tmp_path):
     with pytest.raises(Exception):
         train.save_checkpoint(path, {"iter": 2, "bad": lambda: 0})  # fails while writing
     assert torch.load(path, weights_only=True)["iter"] == 1
+
+
+def test_sample_py_resumes_from_the_checkpoint(trained, capsys):
+    import sample
+    from gpt import get_tokenizer
+    out, _ = trained
+    sample.main(["--init_from=resume", f"--out_dir={out}", "--start=A", "--max_new_tokens=6", "--temperature=0",
+                 "--device=cpu", "--dtype=float32"])
+    model = train.model_from_checkpoint(torch.load(out / "ckpt.pt", weights_only=True)).eval()
+    enc = get_tokenizer("gpt2")
+    ids = enc.encode("A")
+    for _ in range(6):  # greedy, recomputing the whole sequence each time
+        ids.append(int(model(torch.tensor([ids]))[0][0, -1].argmax()))
+    assert capsys.readouterr().out == enc.decode(ids) + "\n"
