@@ -31,7 +31,7 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from cli import autocast, configure, fail, pick_device, pick_dtype
-from gpt import GPT, CausalSelfAttention, DownloadError, GPTConfig, apply_lora, get_tokenizer, quantize_model
+from gpt import GPT, DownloadError, GPTConfig, apply_lora, get_tokenizer, quantize_model
 from prepare_data import read_tokens
 
 # ----------------------------------------------------------------------------- defaults
@@ -80,7 +80,7 @@ device = "auto"           # auto (cuda > mps > cpu) | cpu | cuda | cuda:1 | mps
 dtype = "auto"            # auto | float32 | bfloat16 | float16 (float16 adds a GradScaler)
 compile = False           # torch.compile the model
 seed = 1337
-peak_flops = 0.0          # FLOP/s that MFU is measured against; 0: A100 bf16 (312e12) on CUDA, a measured matmul elsewhere
+peak_flops = 0.0          # FLOP/s that MFU is against; 0: A100 bf16 (312e12) on CUDA, a measured matmul elsewhere
 # -----------------------------------------------------------------------------
 DEFAULTS = {k: v for k, v in globals().items() if not k.startswith("_") and isinstance(v, (int, float, str))}
 MODEL_KEYS = ("n_layer", "n_head", "n_embd", "block_size", "bias", "pos_emb", "mlp",  # fixed once a run starts
@@ -113,7 +113,7 @@ def batch_loader(folder, batch_size, block_size, device, seed):
     return get_batch
 
 
-def read_meta(folder):
+def read_meta(folder, block_size):
     """meta.json of a prepared dataset, after checking both shards are there and long enough."""
     try:
         with open(os.path.join(folder, "meta.json")) as f:
@@ -123,9 +123,11 @@ def read_meta(folder):
              f"{os.path.basename(folder)}` or point --data_dir/--dataset at it")
     for split in ("train", "val"):
         try:
-            read_tokens(os.path.join(folder, f"{split}.bin"))
+            count = len(read_tokens(os.path.join(folder, f"{split}.bin")))
         except (OSError, ValueError) as e:
             fail(f"{split} split of {folder}: {e}")
+        if count <= block_size:
+            fail(f"the {split} split of {folder} has {count} tokens: too few for --block_size={block_size}")
     return meta
 
 
@@ -149,7 +151,8 @@ def make_optimizer(model, learning_rate, weight_decay, betas, device):
     groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
               {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
     # the fused kernel updates every tensor in one pass (CUDA; CPU since torch 2.4, 5x faster there)
-    fused = device.startswith("cuda") or (device == "cpu" and tuple(map(int, torch.__version__.split(".")[:2])) >= (2, 4))
+    torch_version = tuple(int(v) for v in torch.__version__.split(".")[:2])
+    fused = device.startswith("cuda") or (device == "cpu" and torch_version >= (2, 4))
     return torch.optim.AdamW(groups, lr=learning_rate, betas=betas, fused=fused)
 
 
@@ -383,6 +386,13 @@ def plot_log(log_path, png_path):
 
 # ----------------------------------------------------------------------------- the run
 
+def set_dropout(model, p):
+    """Dropout of a built GPT: GPT-2's weights come without, and a resumed run may change it."""
+    model.config.dropout = model.transformer.drop.p = p
+    for block in model.transformer.h:  # attention's own is an argument of the SDPA kernel
+        block.attn.dropout = block.attn.resid_dropout.p = block.mlp.dropout.p = p
+
+
 def build_model(c, vocab_size, ckpt):
     """The model to train: the checkpoint's, a fresh one, or GPT-2's weights."""
     if ckpt is not None:
@@ -400,12 +410,7 @@ def build_model(c, vocab_size, ckpt):
             model = GPT.from_pretrained(c.init_from)
         except (ValueError, FileNotFoundError, DownloadError) as e:
             fail(f"--init_from={c.init_from}: {e} (train.py also takes scratch and resume)")
-        model.config.dropout = c.dropout  # the weights come without it; fine-tuning may want some
-        for module in model.modules():
-            if isinstance(module, torch.nn.Dropout):
-                module.p = c.dropout
-            elif isinstance(module, CausalSelfAttention):  # its dropout is an argument of the SDPA kernel
-                module.dropout = c.dropout
+    set_dropout(model, c.dropout)
     if ckpt is None:
         add_adapters(model, vars(c))
     if c.block_size > model.config.block_size:
@@ -423,7 +428,8 @@ def main(argv=None):
         ckpt = load_checkpoint(ckpt_path)
         cfg = resumed_config(ckpt, ckpt_path, DEFAULTS, MODEL_KEYS, argv, __doc__)
     c = SimpleNamespace(**cfg)
-    for key in ("batch_size", "block_size", "gradient_accumulation_steps", "eval_interval", "eval_iters", "log_interval"):
+    for key in ("batch_size", "block_size", "gradient_accumulation_steps", "eval_interval", "eval_iters",
+                "log_interval"):
         if cfg[key] < 1:
             fail(f"--{key} must be at least 1, got {cfg[key]}")
     check_adapters(cfg)
@@ -434,14 +440,15 @@ def main(argv=None):
     if device.startswith("cuda"):
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
     folder = os.path.join(c.data_dir, c.dataset)
-    meta = read_meta(folder)
+    meta = read_meta(folder, c.block_size)
     get_batch = batch_loader(folder, c.batch_size, c.block_size, device, c.seed)
     enc = get_tokenizer(meta["tokenizer"])
     prompt = enc.encode(c.sample_prompt, allowed_special={"<|endoftext|>"}) if c.sample_prompt else [enc.eot_token]
 
     model = build_model(c, meta["vocab_size"], ckpt).to(device)
     if max(prompt) >= model.config.vocab_size:
-        fail(f"--sample_prompt={c.sample_prompt!r} has token ids beyond the model's vocabulary of {model.config.vocab_size}")
+        fail(f"--sample_prompt={c.sample_prompt!r} has token ids beyond the model's vocabulary "
+             f"of {model.config.vocab_size}")
     optimizer = make_optimizer(model, c.learning_rate, c.weight_decay, (c.beta1, c.beta2), device)
     scaler = make_scaler(device, dtype)
     start_iter, best_val_loss = 0, float("inf")
@@ -471,7 +478,7 @@ def main(argv=None):
     decay_iters = c.lr_decay_iters or c.max_iters
     if master:
         print(f"{model.num_params() / 1e6:.2f}M parameters, {tokens_per_iter:,} tokens per iteration, "
-              f"{world_size} process(es) on {device}, {dtype}, peak {peak / 1e12:.3f} TFLOP/s for MFU")
+              f"{world_size} process(es) on {device}, {dtype}, peak {peak / 1e12:.3f} TFLOP/s for MFU", flush=True)
     it = start_iter
     t_last, it_last = time.perf_counter(), it
     while True:
@@ -488,7 +495,7 @@ def main(argv=None):
                     model.train()
                     text = enc.decode(out[0, len(prompt):].tolist())
                 print(f"eval {it}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f} "
-                      f"(best {best_val_loss:.4f}), sample: {text!r}")
+                      f"(best {best_val_loss:.4f}), sample: {text!r}", flush=True)
                 log_record(log_path, {"iter": it, "train_loss": losses["train"], "val_loss": losses["val"],
                                       "best_val_loss": best_val_loss, "sample": text}, wandb_run)
                 plot_log(log_path, os.path.join(c.out_dir, "loss.png"))

@@ -230,7 +230,8 @@ def test_optimizer_decays_matrices_only_and_holds_the_tied_embedding_once():
     decay, no_decay = train.make_optimizer(model, 1e-3, 0.1, (0.9, 0.95), "cpu").param_groups
     assert decay["weight_decay"] == 0.1 and no_decay["weight_decay"] == 0.0
     names = {id(p): n for n, p in model.named_parameters()}  # named_parameters() lists the tied matrix once
-    assert sorted(names[id(p)] for p in decay["params"]) == sorted(n for n, p in model.named_parameters() if p.dim() == 2)
+    matrices = sorted(n for n, p in model.named_parameters() if p.dim() == 2)
+    assert sorted(names[id(p)] for p in decay["params"]) == matrices
     assert sum(p.numel() for g in (decay, no_decay) for p in g["params"]) == model.num_params(non_embedding=False)
     assert any(p is model.lm_head.weight for p in decay["params"])
 
@@ -264,3 +265,17 @@ def test_sample_py_resumes_from_the_checkpoint(trained, capsys):
     for _ in range(6):  # greedy, recomputing the whole sequence each time
         ids.append(int(model(torch.tensor([ids]))[0][0, -1].argmax()))
     assert capsys.readouterr().out == enc.decode(ids) + "\n"
+
+
+def test_init_from_a_hugging_face_directory_starts_from_its_weights(data_dir, tmp_path, capsys):
+    torch.manual_seed(0)
+    base = GPT(GPTConfig(block_size=64, vocab_size=VOCAB, n_layer=2, n_head=2, n_embd=32))
+    base.save_pretrained(tmp_path / "hf")
+    train.main([*TINY, f"--data_dir={data_dir}", f"--out_dir={tmp_path / 'out'}", f"--init_from={tmp_path / 'hf'}",
+                "--dropout=0.1", "--max_iters=0"])
+    get_batch = train.batch_loader(str(data_dir / "toy"), 4, 32, "cpu", train.DEFAULTS["seed"])
+    expected = train.evaluate(base, get_batch, 2)["val"]
+    assert read_log(tmp_path / "out")[1][0]["val_loss"] == pytest.approx(expected, abs=1e-5)
+    ckpt = torch.load(tmp_path / "out" / "ckpt.pt", weights_only=True)
+    assert ckpt["model_args"]["block_size"] == 64 and ckpt["model_args"]["dropout"] == 0.1
+    assert train.model_from_checkpoint(ckpt).transformer.h[0].mlp.dropout.p == 0.1
