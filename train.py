@@ -478,7 +478,8 @@ def main(argv=None):
     decay_iters = c.lr_decay_iters or c.max_iters
     if master:
         print(f"{model.num_params() / 1e6:.2f}M parameters, {tokens_per_iter:,} tokens per iteration, "
-              f"{world_size} process(es) on {device}, {dtype}, peak {peak / 1e12:.3f} TFLOP/s for MFU", flush=True)
+              f"{world_size} process(es) on {device}, {dtype}, peak {peak / 1e12:.3f} TFLOP/s for MFU",
+              flush=True)
     it = start_iter
     t_last, it_last = time.perf_counter(), it
     while True:
