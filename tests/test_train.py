@@ -9,6 +9,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -279,3 +280,18 @@ def test_init_from_a_hugging_face_directory_starts_from_its_weights(data_dir, tm
     ckpt = torch.load(tmp_path / "out" / "ckpt.pt", weights_only=True)
     assert ckpt["model_args"]["block_size"] == 64 and ckpt["model_args"]["dropout"] == 0.1
     assert train.model_from_checkpoint(ckpt).transformer.h[0].mlp.dropout.p == 0.1
+
+
+def test_wandb_gets_the_numbers_when_asked(data_dir, tmp_path, monkeypatch, capsys):
+    calls = []
+    run = SimpleNamespace(log=lambda values, step: calls.append(("log", step, values)),
+                          finish=lambda: calls.append(("finish",)))
+    fake = type(sys)("wandb")
+    fake.init = lambda project, name, config: calls.append(("init", project, config["max_iters"])) or run
+    monkeypatch.setitem(sys.modules, "wandb", fake)  # the real one is never required
+    train.main([*TINY, f"--data_dir={data_dir}", f"--out_dir={tmp_path}", "--wandb_log=True", "--max_iters=2",
+                "--eval_interval=2"])
+    assert calls[0] == ("init", "gpt2ref", 2) and calls[-1] == ("finish",)
+    logged = [c for c in calls if c[0] == "log"]
+    assert [step for _, step, _ in logged] == [0, 0, 1, 2]  # eval 0, iter 0, iter 1, eval 2
+    assert "val_loss" in logged[0][2] and "loss" in logged[1][2] and "sample" not in logged[0][2]
