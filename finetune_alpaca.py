@@ -268,7 +268,10 @@ def main(argv=None):
     lr = c.learning_rate or (3e-4 if c.lora_rank else 3e-5)
     device = pick_device(c.device)
     dtype = pick_dtype(c.dtype, device)
-    enc = gpt.get_tokenizer("gpt2")
+    try:
+        enc = gpt.get_tokenizer("gpt2")
+    except gpt.DownloadError as e:
+        fail(str(e))
 
     train_records, val_records = split_records(read_records(alpaca_file(c)), c.val_size, c.subset, c.seed)
     splits = {"train": tokenize(enc, train_records, c.max_seq_len, "train"),

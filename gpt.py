@@ -296,11 +296,15 @@ def sample_next(logits, temperature=1.0, top_k=None, top_p=None):
 # ----------------------------------------------------------------------------- tokenizer
 
 def get_tokenizer(name="gpt2"):
-    """A tiktoken encoding: gpt2 (GPT-2's BPE, 50257 ids) or e.g. cl100k_base (100k ids)."""
+    """A tiktoken encoding: gpt2 (GPT-2's BPE, 50257 ids) or e.g. cl100k_base (100k ids). tiktoken
+    fetches its BPE file on first use; an unknown name is a ValueError, a failed fetch a DownloadError."""
     try:
         return tiktoken.get_encoding(name)
     except ValueError:
         raise ValueError(f"unknown tokenizer {name!r}: choose one of {', '.join(tiktoken.list_encoding_names())}") from None
+    except OSError as e:  # requests' errors are OSErrors too
+        raise DownloadError(f"tiktoken could not fetch the {name} BPE file ({type(e).__name__}); without a network, "
+                            "set TIKTOKEN_CACHE_DIR to a folder that holds it") from None
 
 
 # ----------------------------------------------------------------------------- downloads

@@ -514,10 +514,8 @@ def main(argv=None):
     check(cfg)
     try:
         enc = gpt.get_tokenizer(cfg["tokenizer"])
-    except ValueError as e:
+    except (ValueError, gpt.DownloadError) as e:
         fail(str(e))
-    except OSError as e:  # tiktoken could not fetch its files
-        fail(f"cannot load tokenizer {cfg['tokenizer']!r} (offline?): {e}")
     out_dir = Path(cfg["out_dir"] or Path("data") / cfg["dataset"])
     try:
         out_dir.mkdir(parents=True, exist_ok=True)

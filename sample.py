@@ -116,7 +116,7 @@ def main(argv=None):
     model.eval().to(cfg["device"])
     try:
         enc = get_tokenizer(tokenizer_name)
-    except ValueError as e:
+    except (ValueError, DownloadError) as e:
         fail(str(e))
     if cfg["interactive"]:
         for line in sys.stdin:

@@ -409,7 +409,7 @@ def build_model(c, vocab_size, ckpt):
         try:
             model = GPT.from_pretrained(c.init_from)
         except (ValueError, FileNotFoundError, DownloadError) as e:
-            fail(f"--init_from={c.init_from}: {e} (train.py also takes scratch and resume)")
+            fail(f"--init_from={c.init_from}: {e}")
     set_dropout(model, c.dropout)
     if ckpt is None:
         add_adapters(model, vars(c))
@@ -442,7 +442,10 @@ def main(argv=None):
     folder = os.path.join(c.data_dir, c.dataset)
     meta = read_meta(folder, c.block_size)
     get_batch = batch_loader(folder, c.batch_size, c.block_size, device, c.seed)
-    enc = get_tokenizer(meta["tokenizer"])
+    try:
+        enc = get_tokenizer(meta["tokenizer"])
+    except (ValueError, DownloadError) as e:
+        fail(str(e))
     prompt = enc.encode(c.sample_prompt, allowed_special={"<|endoftext|>"}) if c.sample_prompt else [enc.eot_token]
 
     model = build_model(c, meta["vocab_size"], ckpt).to(device)

@@ -417,3 +417,20 @@ def test_unsupported_config_raises(tmp_path, key, value):
     (tmp_path / "config.json").write_text(json.dumps({**config, key: value}))
     with pytest.raises(ValueError, match=key):
         GPT.from_pretrained(tmp_path)
+
+
+# ----------------------------------------------------------------------------- tokenizer
+
+def test_tokenizer_names_and_fetch_failures(monkeypatch):
+    import requests
+    import tiktoken
+    assert gpt.get_tokenizer("gpt2").encode("Hello world") == [15496, 995]  # GPT-2's own ids
+    assert gpt.get_tokenizer("cl100k_base").eot_token == 100257
+    with pytest.raises(ValueError, match="unknown tokenizer 'gpt5'.*cl100k_base"):
+        gpt.get_tokenizer("gpt5")
+
+    def offline(name):
+        raise requests.ConnectionError("no route to host")
+    monkeypatch.setattr(tiktoken, "get_encoding", offline)
+    with pytest.raises(gpt.DownloadError, match="TIKTOKEN_CACHE_DIR"):
+        gpt.get_tokenizer("gpt2")
