@@ -288,7 +288,7 @@ def main(argv=None):
     model = prepare_model(c, ckpt, enc.n_vocab).to(device)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     mode = "full fine-tune" if not c.lora_rank else "QLoRA" if c.quantize == "nf4" else "LoRA"
-    print(f"{mode} of {c.init_from}: {trainable / 1e6:.2f}M of {model.num_params() / 1e6:.2f}M parameters train; "
+    print(f"{mode} of {c.init_from}: {trainable / 1e6:.2f}M of {model.num_params(non_embedding=False) / 1e6:.2f}M parameters train; "
           f"{len(splits['train'])} training, {len(splits['val'])} validation examples; {device}, {dtype}")
     optimizer = train.make_optimizer(model, lr, c.weight_decay, (c.beta1, c.beta2), device)
     scaler = train.make_scaler(device, dtype)
