@@ -28,7 +28,6 @@ import json
 import math
 import os
 import time
-from dataclasses import asdict
 from types import SimpleNamespace
 
 import torch
@@ -292,17 +291,9 @@ def main(argv=None):
           f"{len(splits['train'])} training, {len(splits['val'])} validation examples; {device}, {dtype}")
     optimizer = train.make_optimizer(model, lr, c.weight_decay, (c.beta1, c.beta2), device)
     scaler = train.make_scaler(device, dtype)
-    start_iter, best_val_loss = 0, float("inf")
     log_path = os.path.join(c.out_dir, "log.jsonl")
     os.makedirs(c.out_dir, exist_ok=True)
-    if ckpt is not None:
-        optimizer.load_state_dict(ckpt["optimizer"])
-        if ckpt["scaler"]:
-            scaler.load_state_dict(ckpt["scaler"])
-        start_iter, best_val_loss = ckpt["iter"], ckpt["best_val_loss"]
-        train.truncate_log(log_path, ckpt["log_bytes"])
-    elif os.path.exists(log_path):
-        os.remove(log_path)
+    start_iter, best_val_loss = train.restore_run(ckpt, optimizer, scaler, log_path)
 
     it = start_iter
     t_last, it_last, tokens = time.perf_counter(), it, 0
@@ -317,9 +308,7 @@ def main(argv=None):
             train.log_record(log_path, {"iter": it, "train_loss": losses["train"], "val_loss": losses["val"],
                                         "best_val_loss": best_val_loss, "responses": responses})
             train.plot_log(log_path, os.path.join(c.out_dir, "loss.png"))
-            state = {"optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(), "iter": it,
-                     "best_val_loss": best_val_loss, "config": cfg, "model_args": asdict(model.config),
-                     "tokenizer": "gpt2", "log_bytes": os.path.getsize(log_path)}
+            state = train.run_state(optimizer, scaler, it, best_val_loss, cfg, model, "gpt2", log_path)
             if c.lora_rank:  # the frozen base comes back from init_from: keep only what trains
                 gpt.save_adapter(model, c.out_dir, base_model=c.init_from)
                 state["adapter"] = {n: p.detach() for n, p in model.named_parameters() if p.requires_grad}

@@ -261,6 +261,29 @@ def load_checkpoint(path):
         fail(f"{path} is not a loadable checkpoint: {str(e).splitlines()[0]}")
 
 
+def run_state(optimizer, scaler, it, best_val_loss, cfg, model, tokenizer, log_path):
+    """What a checkpoint holds besides the weights: all it takes to go on exactly where it was written."""
+    return {"optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(), "iter": it,
+            "best_val_loss": best_val_loss, "config": cfg, "model_args": asdict(model.config),
+            "tokenizer": tokenizer, "log_bytes": os.path.getsize(log_path)}
+
+
+def restore_run(ckpt, optimizer, scaler, log_path, write_files=True):
+    """(start_iter, best_val_loss). A resumed run gets its optimizer and scaler back and its log cut
+    back to the checkpoint (lines past it came from steps about to be redone); a fresh run in an
+    old out_dir starts a fresh log."""
+    if ckpt is None:
+        if write_files and os.path.exists(log_path):
+            os.remove(log_path)
+        return 0, float("inf")
+    optimizer.load_state_dict(ckpt["optimizer"])
+    if ckpt["scaler"]:  # empty when saved without float16
+        scaler.load_state_dict(ckpt["scaler"])
+    if write_files:
+        truncate_log(log_path, ckpt["log_bytes"])
+    return ckpt["iter"], ckpt["best_val_loss"]
+
+
 def resumed_config(ckpt, ckpt_path, defaults, fixed_keys, argv=None, doc=None):
     """The settings of a resumed run: the saved run's become the defaults, so the command line
     changes only what it names, and it may not change fixed_keys (the model's shape, ...)."""
@@ -356,7 +379,7 @@ def log_record(path, record, wandb_run=None):
 
 
 def truncate_log(path, size):
-    """Cut the log back to its length at the checkpoint: lines past it came from steps being redone."""
+    """Cut the log back to size bytes, its length when the checkpoint was written."""
     if os.path.exists(path) and os.path.getsize(path) > size:
         os.truncate(path, size)
 
@@ -454,19 +477,10 @@ def main(argv=None):
              f"of {model.config.vocab_size}")
     optimizer = make_optimizer(model, c.learning_rate, c.weight_decay, (c.beta1, c.beta2), device)
     scaler = make_scaler(device, dtype)
-    start_iter, best_val_loss = 0, float("inf")
     log_path = os.path.join(c.out_dir, "log.jsonl")
     if master:
         os.makedirs(c.out_dir, exist_ok=True)
-    if ckpt is not None:
-        optimizer.load_state_dict(ckpt["optimizer"])
-        if ckpt["scaler"]:  # empty when saved without float16
-            scaler.load_state_dict(ckpt["scaler"])
-        start_iter, best_val_loss = ckpt["iter"], ckpt["best_val_loss"]
-        if master:
-            truncate_log(log_path, ckpt["log_bytes"])
-    elif master and os.path.exists(log_path):
-        os.remove(log_path)  # a fresh run in an old out_dir starts a fresh log
+    start_iter, best_val_loss = restore_run(ckpt, optimizer, scaler, log_path, write_files=master)
     fast = torch.compile(model) if c.compile else model  # checkpoints come from model: no _orig_mod. keys
     trained = fast if world_size == 1 else DDP(fast, device_ids=[device] if device.startswith("cuda") else None,
                                                broadcast_buffers=False)  # the RoPE tables never change
@@ -503,11 +517,8 @@ def main(argv=None):
                 log_record(log_path, {"iter": it, "train_loss": losses["train"], "val_loss": losses["val"],
                                       "best_val_loss": best_val_loss, "sample": text}, wandb_run)
                 plot_log(log_path, os.path.join(c.out_dir, "loss.png"))
-                save_checkpoint(ckpt_path, {
-                    "model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                    "scaler": scaler.state_dict(), "iter": it, "best_val_loss": best_val_loss, "config": cfg,
-                    "model_args": asdict(model.config), "tokenizer": meta["tokenizer"],
-                    "log_bytes": os.path.getsize(log_path)})
+                save_checkpoint(ckpt_path, {"model": model.state_dict(), **run_state(
+                    optimizer, scaler, it, best_val_loss, cfg, model, meta["tokenizer"], log_path)})
             t_last, it_last = time.perf_counter(), it  # evaluation time is not training time
         if it >= c.max_iters:
             break
