@@ -618,6 +618,16 @@ BLOCK_LINEARS = ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj")  # the 
 LORA_SUFFIXES = (".lora_A", ".lora_B")
 
 
+def replace_block_linears(model, paths, new_layer):
+    """Put new_layer(path, layer) in place of each named linear layer of every block."""
+    for block in model.transformer.h:
+        for path in paths:
+            parent, _, name = path.rpartition(".")
+            module = block.get_submodule(parent)
+            setattr(module, name, new_layer(path, getattr(module, name)))
+    return model
+
+
 class LoRALinear(nn.Module):
     """A frozen linear layer (nn.Linear or NF4Linear) plus a trainable low-rank update."""
 
@@ -674,15 +684,12 @@ def apply_lora(model, rank, alpha, dropout=0.0, targets=BLOCK_LINEARS):
     if unknown or not targets:
         raise ValueError(f"LoRA targets {unknown or targets} are not among {', '.join(BLOCK_LINEARS)}")
     model.requires_grad_(False)
-    for block in model.transformer.h:
-        for path in targets:
-            parent, _, name = path.rpartition(".")
-            module = block.get_submodule(parent)
-            if isinstance(getattr(module, name), LoRALinear):
-                raise ValueError(f"{path} has a LoRA adapter already")
-            layer = LoRALinear(getattr(module, name), rank, alpha, dropout)
-            setattr(module, name, layer.train(model.training))  # a new module is in training mode
-    return model
+
+    def wrap(path, layer):
+        if isinstance(layer, LoRALinear):
+            raise ValueError(f"{path} has a LoRA adapter already")
+        return LoRALinear(layer, rank, alpha, dropout).train(model.training)  # a new module is in training mode
+    return replace_block_linears(model, targets, wrap)
 
 
 def lora_layers(model):
@@ -703,23 +710,19 @@ def unmerge_lora(model):
 def merge_and_unload(model):
     """Fold every adapter into its weight and turn every LoRA and NF4 layer back into a float32
     nn.Linear, in place: the model is a plain GPT again, which save_pretrained can export."""
-    for block in model.transformer.h:
-        for path in BLOCK_LINEARS:
-            parent, _, name = path.rpartition(".")
-            module = block.get_submodule(parent)
-            layer = getattr(module, name)
-            if type(layer) is nn.Linear:
-                continue
-            base = layer.base if isinstance(layer, LoRALinear) else layer
-            weight = base.dequantize() if isinstance(base, NF4Linear) else base.weight.float()
-            if isinstance(layer, LoRALinear) and not layer.merged:
-                weight = weight + layer.delta()
-            plain = nn.Linear(base.in_features, base.out_features, bias=base.bias is not None, device=weight.device)
-            plain.weight.copy_(weight)
-            if base.bias is not None:
-                plain.bias.copy_(base.bias)
-            setattr(module, name, plain)
-    return model
+    def unload(path, layer):
+        if type(layer) is nn.Linear:
+            return layer
+        base = layer.base if isinstance(layer, LoRALinear) else layer
+        weight = base.dequantize() if isinstance(base, NF4Linear) else base.weight.float()
+        if isinstance(layer, LoRALinear) and not layer.merged:
+            weight = weight + layer.delta()
+        plain = nn.Linear(base.in_features, base.out_features, bias=base.bias is not None, device=weight.device)
+        plain.weight.copy_(weight)
+        if base.bias is not None:
+            plain.bias.copy_(base.bias)
+        return plain
+    return replace_block_linears(model, BLOCK_LINEARS, unload)
 
 
 def adapter_config(model):
@@ -887,12 +890,8 @@ def quantize_model(model, double_quant=True):
     """Replace every linear layer of every block by an NF4Linear, in place. The tied embedding and
     lm_head stay as they are: they are one matrix that reads and writes tokens, and small next to
     the blocks for the larger models."""
-    for block in model.transformer.h:
-        for path in BLOCK_LINEARS:
-            parent, _, name = path.rpartition(".")
-            module = block.get_submodule(parent)
-            layer = getattr(module, name)
-            if type(layer) is not nn.Linear:
-                raise ValueError(f"{path} is a {type(layer).__name__}: quantize a model before adding LoRA, once")
-            setattr(module, name, NF4Linear(layer, double_quant))
-    return model
+    def quantize(path, layer):
+        if type(layer) is not nn.Linear:
+            raise ValueError(f"{path} is a {type(layer).__name__}: quantize a model before adding LoRA, once")
+        return NF4Linear(layer, double_quant)
+    return replace_block_linears(model, BLOCK_LINEARS, quantize)
