@@ -34,7 +34,7 @@ import torch
 
 import gpt
 import train
-from cli import autocast, configure, fail, pick_device, pick_dtype
+from cli import autocast, fail, pick_device, pick_dtype
 
 # ----------------------------------------------------------------------------- defaults
 init_from = "gpt2"        # gpt2 | gpt2-medium | gpt2-large | gpt2-xl | a local HF directory | resume
@@ -255,12 +255,9 @@ def check(c):
 
 
 def main(argv=None):
-    cfg = configure(DEFAULTS, argv, doc=__doc__)
+    cfg, ckpt = train.run_config(DEFAULTS, FIXED_KEYS, argv, __doc__)
     ckpt_path = os.path.join(cfg["out_dir"], "ckpt.pt")
-    ckpt = None
-    if cfg["init_from"] == "resume":
-        ckpt = train.load_checkpoint(ckpt_path)
-        cfg = train.resumed_config(ckpt, ckpt_path, DEFAULTS, FIXED_KEYS, argv, __doc__)
+    if ckpt is not None:
         cfg["init_from"] = ckpt["config"]["init_from"]  # the base model, so that the next resume finds it too
     c = SimpleNamespace(**cfg)
     check(c)

@@ -284,16 +284,23 @@ def restore_run(ckpt, optimizer, scaler, log_path, write_files=True):
     return ckpt["iter"], ckpt["best_val_loss"]
 
 
-def resumed_config(ckpt, ckpt_path, defaults, fixed_keys, argv=None, doc=None):
-    """The settings of a resumed run: the saved run's become the defaults, so the command line
-    changes only what it names, and it may not change fixed_keys (the model's shape, ...)."""
+def run_config(defaults, fixed_keys, argv=None, doc=None):
+    """(cfg, ckpt): the settings from defaults, config files and --key=value, and no checkpoint.
+    With --init_from=resume, the checkpoint in out_dir too, and its run's settings become the
+    defaults, so the command line changes only what it names; it may not change fixed_keys (the
+    model's shape, ...)."""
+    cfg = configure(defaults, argv, doc=doc)
+    if cfg["init_from"] != "resume":
+        return cfg, None
+    ckpt_path = os.path.join(cfg["out_dir"], "ckpt.pt")
+    ckpt = load_checkpoint(ckpt_path)
     saved = {k: ckpt["config"].get(k, v) for k, v in defaults.items()}
     cfg = configure(saved, argv, doc=doc)
     changed = [k for k in fixed_keys if cfg[k] != saved[k]]
     if changed:
         fail(f"{ckpt_path} was trained with {', '.join(f'{k}={saved[k]!r}' for k in changed)}; resuming cannot "
              f"change that to {', '.join(f'{k}={cfg[k]!r}' for k in changed)} (use a new --out_dir)")
-    return cfg
+    return cfg, ckpt
 
 
 def check_adapters(cfg):
@@ -444,12 +451,8 @@ def build_model(c, vocab_size, ckpt):
 
 
 def main(argv=None):
-    cfg = configure(DEFAULTS, argv, doc=__doc__)
+    cfg, ckpt = run_config(DEFAULTS, MODEL_KEYS, argv, __doc__)
     ckpt_path = os.path.join(cfg["out_dir"], "ckpt.pt")
-    ckpt = None
-    if cfg["init_from"] == "resume":
-        ckpt = load_checkpoint(ckpt_path)
-        cfg = resumed_config(ckpt, ckpt_path, DEFAULTS, MODEL_KEYS, argv, __doc__)
     c = SimpleNamespace(**cfg)
     for key in ("batch_size", "block_size", "gradient_accumulation_steps", "eval_interval", "eval_iters",
                 "log_interval"):
