@@ -26,7 +26,6 @@ after that point (a document crossing it is cut in two): deterministic, and val 
 has not seen any of.
 """
 import codecs
-import hashlib
 import json
 import os
 import re
@@ -419,11 +418,6 @@ def fetch(source):
     return Path(source["path"])
 
 
-def sha256(path):
-    with open(path, "rb") as f:
-        return hashlib.file_digest(f, "sha256").hexdigest()
-
-
 # ----------------------------------------------------------------------------- main
 
 DEFAULTS = {
@@ -533,7 +527,7 @@ def main(argv=None):
 
     todo = [split for split in SPLITS if split not in done]
     paths = {split: [fetch(source) for source in plan[split][0]] for split in todo}
-    digests = {path: sha256(path) for path in {path for split in todo for path in paths[split]}}
+    digests = {path: gpt.file_sha256(path) for path in {path for split in todo for path in paths[split]}}
     workers = cfg["workers"] or os.cpu_count()
     for split in todo:
         sources, read = plan[split]
