@@ -22,7 +22,7 @@ import numpy as np
 import torch
 
 import gpt
-from cli import configure, fail
+from cli import configure, fail, run
 from gpt import GPT, GPTConfig
 
 
@@ -244,10 +244,19 @@ def bench_train(steps=5, n_layer=6, n_head=6, n_embd=384, block_size=256, batch_
 
 BENCHES = {"generate": bench_generate, "finetune": bench_finetune, "tokenize": bench_tokenize, "train": bench_train}
 
+# ----------------------------------------------------------------------------- defaults
+DEFAULTS = {
+    "only": "",                 # sections to run, comma-separated: generate, finetune, tokenize, train; "": all
+    "out": "bench.json",        # where the figures go
+    "tokenize_mb": 200,         # >= 1; size of the generated corpus
+    "finetune_n_layer": 24,     # >= 1; 24 is GPT-2 medium's depth
+    "train_steps": 5,           # >= 1; timed training steps
+}
+# -----------------------------------------------------------------------------
+
 
 def main():
-    cfg = configure({"only": "", "out": "bench.json", "tokenize_mb": 200, "finetune_n_layer": 24, "train_steps": 5},
-                    doc=__doc__)
+    cfg = configure(DEFAULTS, doc=__doc__, source=__file__)
     names = [n for n in cfg["only"].split(",") if n] or list(BENCHES)
     for n in names:
         if n not in BENCHES:
@@ -265,4 +274,4 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    run(main)

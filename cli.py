@@ -5,11 +5,24 @@
 Bare arguments are config files (plain Python that assigns some of the script's keys), applied in
 order; then each --key=value, its value read as a Python literal and checked against the type of
 the default. A mistake is one line on stderr and exit status 2, never a traceback.
+
+Each script lists its settings in a block of `key = default  # note` lines (prepare_data.py and
+bench.py: `"key": default,  # note`) between a "# --- defaults" line and the next "# ---" line.
+A note may open with the setting's valid range, `>= 0`, `> 0`, or an interval like `[0, 1)`:
+configure() enforces it on the final settings, wherever each value came from, and --help prints
+every setting with its default and its note, grouped as the block groups them.
 """
 import ast
 import contextlib
 import difflib
+import io
+import math
+import os
+import re
 import sys
+import tempfile
+import tokenize
+import traceback
 
 import torch
 
@@ -19,6 +32,107 @@ def fail(message):
     print(f"error: {message}", file=sys.stderr)
     raise SystemExit(2)
 
+
+def run(main):
+    """Run a script's main(): a Ctrl-C that the script does not handle itself ends it with one line
+    and exit status 130, not a traceback."""
+    try:
+        main()
+    except KeyboardInterrupt:
+        print("\ninterrupted", file=sys.stderr)
+        raise SystemExit(130)
+
+
+def writable_dir(path, option="--out_dir"):
+    """Create the folder if need be and check that files can be written in it, before any work."""
+    try:
+        os.makedirs(path, exist_ok=True)
+        tempfile.TemporaryFile(dir=path).close()
+    except OSError as e:
+        fail(f"cannot write to {option}={path}: {e.strerror or e}")
+
+
+# ----------------------------------------------------------------------------- the defaults block
+
+_KEY = re.compile(r'\s*"?([A-Za-z_]\w*)"?\s*[=:]')
+_NUM = r"-?\d+(?:\.\d*)?(?:e-?\d+)?(?:\*\*\d+)?|inf"
+_RANGE = re.compile(rf"(>=|>)\s*({_NUM})|([\[(])\s*({_NUM})\s*,\s*({_NUM})\s*([\])])")
+
+
+def read_notes(source):
+    """{key: (group, note)} from the defaults block of the script at path source; group is the
+    comment line heading the key's part of the block, note the comment beside the key."""
+    with open(source, encoding="utf-8") as f:
+        text = f.read()
+    comments = {t.start[0]: t.string[1:].strip() for t in tokenize.generate_tokens(io.StringIO(text).readline)
+                if t.type == tokenize.COMMENT}
+    notes, group, inside = {}, "", False
+    for number, line in enumerate(text.splitlines(), start=1):
+        if line.startswith("# ---"):
+            if inside:
+                break
+            inside = line.rstrip().endswith("defaults")
+        elif inside and line.lstrip().startswith("#"):
+            group = comments[number]
+        elif inside and _KEY.match(line):
+            notes[_KEY.match(line).group(1)] = (group, comments.get(number, ""))
+    return notes
+
+
+def _number(text):
+    """A bound as written: 1, 0.5, 6e-5, 2**63 (an exact int), inf."""
+    if "**" in text:
+        base, power = text.split("**")
+        return int(base) ** int(power)
+    return int(text) if text.lstrip("-").isdigit() else float(text)
+
+
+def valid_range(note):
+    """(low, low_open, high, high_open, text) for a note opening with a range, else None."""
+    m = _RANGE.match(note)
+    if not m:
+        return None
+    if m.group(1):
+        return _number(m.group(2)), m.group(1) == ">", math.inf, True, m.group(0)
+    return _number(m.group(4)), m.group(3) == "(", _number(m.group(5)), m.group(6) == ")", m.group(0)
+
+
+def check_ranges(config, notes):
+    """Every number finite, and inside the range its note states."""
+    for key, value in config.items():
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            continue
+        if not math.isfinite(value):
+            fail(f"--{key}={value} is not a finite number")
+        bounds = valid_range(notes.get(key, ("", ""))[1])
+        if bounds is None:
+            continue
+        low, low_open, high, high_open, text = bounds
+        if value < low or (low_open and value == low) or value > high or (high_open and value == high):
+            rest = notes[key][1][len(text):].lstrip(";: ")
+            fail(f"--{key}={value} is out of range: it must be {text}" + (f" ({rest})" if rest else ""))
+
+
+def print_help(defaults, notes, doc):
+    """The script's docstring, then every setting with its default and note, by group."""
+    lines = [doc or "", "settings (--key=value), with their defaults:"]
+    group = None
+    for key, value in defaults.items():
+        heading, note = notes.get(key, ("", ""))
+        if heading != group:
+            group = heading
+            lines.append(f"\n  {heading}" if heading else "")
+        option = f"    --{key}={value!r}"
+        lines.append(f"{option:40s} {note}".rstrip() if note else option)
+    try:
+        print("\n".join(lines))
+        sys.stdout.flush()
+    except BrokenPipeError:  # `--help | head` closed the pipe: not a mistake
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+    raise SystemExit(0)
+
+
+# ----------------------------------------------------------------------------- parsing
 
 def _check_key(key, defaults, where):
     if key not in defaults:
@@ -44,31 +158,43 @@ def _parse_literal(text, default):
         return text.lower() == "true"
     try:
         value = ast.literal_eval(text)
-    except (ValueError, SyntaxError):
+    except (ValueError, SyntaxError, MemoryError, RecursionError):
         return text  # a bare word: --dataset=tinystories
     # a string option keeps the text as written: --out_dir=123 means the folder "123"
     return text if isinstance(default, str) and not isinstance(value, str) else value
 
 
-def configure(defaults, argv=None, doc=None):
-    """Return a copy of defaults overridden by the config files and --key=value args in argv."""
+def run_config_file(path):
+    """The names a config file assigns; a file that cannot be read, parsed or run is one line
+    naming the file and the line at fault."""
+    if not path.endswith(".py") and not os.path.isfile(path):
+        fail(f"{path!r} is neither --key=value nor a config file (a .py file of key = value lines)")
+    try:
+        with open(path, encoding="utf-8") as f:
+            source = f.read()
+    except (OSError, UnicodeDecodeError) as e:
+        fail(f"cannot read config file {path}: {getattr(e, 'strerror', None) or e}")
+    namespace = {}
+    try:
+        exec(compile(source, path, "exec"), namespace)
+    except SyntaxError as e:
+        fail(f"config file {path}, line {e.lineno}: {e.msg}")
+    except Exception as e:
+        line = next((f.lineno for f in reversed(traceback.extract_tb(e.__traceback__)) if f.filename == path), "?")
+        fail(f"config file {path}, line {line}: {type(e).__name__}: {e}")
+    return {k: v for k, v in namespace.items() if not k.startswith("_") and type(v).__name__ != "module"}
+
+
+def configure(defaults, argv=None, doc=None, source=None):
+    """Return a copy of defaults overridden by the config files and --key=value args in argv, each
+    number checked against the range its note in source's defaults block states."""
+    notes = read_notes(source) if source else {}
     config = dict(defaults)
     for arg in sys.argv[1:] if argv is None else argv:
         if arg in ("-h", "--help"):
-            print(doc or "options (--key=value):")
-            for key, value in defaults.items():
-                print(f"  --{key}={value!r}")
-            raise SystemExit(0)
+            print_help(defaults, notes, doc)
         if not arg.startswith("--"):
-            try:
-                source = open(arg).read()
-            except OSError as e:
-                fail(f"cannot read config file {arg}: {e.strerror}")
-            namespace = {}
-            exec(compile(source, arg, "exec"), namespace)
-            for key, value in namespace.items():
-                if key.startswith("_") or type(value).__name__ == "module":
-                    continue
+            for key, value in run_config_file(arg).items():
                 _check_key(key, defaults, arg)
                 config[key] = _coerce(key, value, defaults[key], arg)
             continue
@@ -79,18 +205,34 @@ def configure(defaults, argv=None, doc=None):
                 fail(f"--{key} needs a value: --{key}=...")
             text = "True"
         config[key] = _coerce(key, _parse_literal(text, defaults[key]), defaults[key], "the command line")
+    check_ranges(config, notes)
     return config
 
 
+# ----------------------------------------------------------------------------- device and dtype
+
+def devices():
+    """The devices this torch can use here, for messages."""
+    found = ["cpu"] + [f"cuda:{i}" for i in range(torch.cuda.device_count())]
+    return found + ["mps"] if torch.backends.mps.is_available() else found
+
+
 def pick_device(device="auto"):
-    """auto means the fastest thing present: cuda > mps > cpu."""
-    if device != "auto":
-        return device
-    if torch.cuda.is_available():
-        return "cuda"
-    if torch.backends.mps.is_available():
-        return "mps"
-    return "cpu"
+    """auto means the fastest thing present: cuda > mps > cpu. Anything else must be there."""
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
+    try:
+        parsed = torch.device(device)
+    except RuntimeError:
+        parsed = None
+    here = f"this torch ({torch.__version__}) has {', '.join(devices())}"
+    if parsed is None or parsed.type not in ("cpu", "cuda", "mps"):
+        fail(f"--device={device} is not one of auto, cpu, cuda, cuda:N, mps; {here}")
+    if parsed.type == "cuda" and (parsed.index or 0) >= torch.cuda.device_count():
+        fail(f"--device={device} is not available: {here}")
+    if parsed.type == "mps" and not torch.backends.mps.is_available():
+        fail(f"--device={device} is not available: {here}")
+    return device
 
 
 def pick_dtype(dtype, device):
@@ -98,6 +240,9 @@ def pick_dtype(dtype, device):
     if dtype != "auto":
         if dtype not in ("float32", "bfloat16", "float16"):
             fail(f"--dtype={dtype} is not one of auto, float32, bfloat16, float16")
+        if dtype == "float16" and device == "cpu":
+            print("warning: float16 is for GPUs; on a CPU it runs about 20x slower than float32 "
+                  "(use --dtype=bfloat16 or float32)", file=sys.stderr)
         return dtype
     if device.startswith("cuda"):
         return "bfloat16" if torch.cuda.is_bf16_supported() else "float16"

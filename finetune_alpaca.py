@@ -34,7 +34,7 @@ import torch
 
 import gpt
 import train
-from cli import autocast, fail, pick_device, pick_dtype
+from cli import autocast, fail, pick_device, pick_dtype, run, writable_dir
 
 # ----------------------------------------------------------------------------- defaults
 init_from = "gpt2"        # gpt2 | gpt2-medium | gpt2-large | gpt2-xl | a local HF directory | resume
@@ -43,38 +43,38 @@ out_dir = "out-alpaca"
 data = "alpaca-cleaned"   # alpaca-cleaned (yahma's fixes of the original) | alpaca (Stanford's 52,002 records)
 data_path = ""            # a local JSON file in Alpaca's format instead: [{"instruction", "input", "output"}, ...]
 alpaca_url = "https://raw.githubusercontent.com/tatsu-lab/stanford_alpaca/main/alpaca_data.json"
-val_size = 500            # held-out records, chosen by the seed
-subset = 0                # train on only this many records (0: all of them)
-max_seq_len = 512         # longest example kept, in tokens
+val_size = 0              # >= 0; held-out records, chosen by the seed; 0: the smaller of 500 and a tenth of them
+subset = 0                # >= 0; train on only this many records (0: all of them)
+max_seq_len = 0           # >= 0; longest example kept, in tokens; 0: the smaller of 512 and the model's context
 mask_prompt = True        # no loss on the prompt's tokens
 # LoRA / QLoRA
-lora_rank = 8             # 0: a full fine-tune of every weight
-lora_alpha = 16.0
-lora_dropout = 0.05
+lora_rank = 8             # >= 0; 0: a full fine-tune of every weight
+lora_alpha = 16.0         # > 0; the update is scaled by lora_alpha / lora_rank
+lora_dropout = 0.05       # [0, 1)
 quantize = "none"         # none | nf4 (QLoRA: the base weights in 4 bits; needs lora_rank > 0)
 double_quant = True       # quantize NF4's scales too (4.127 instead of 4.5 bits per weight)
 merge = False             # at the end, also write out_dir/merged as a Hugging Face model
 # optimization
-batch_size = 8
-gradient_accumulation_steps = 4
-max_iters = 1000
-learning_rate = 0.0       # 0: 3e-4 with LoRA, 3e-5 for a full fine-tune; decays to a tenth
-warmup_iters = 50
-weight_decay = 0.0
-beta1 = 0.9
-beta2 = 0.999
-grad_clip = 1.0
-dropout = 0.0             # in the base model
+batch_size = 8            # >= 1
+gradient_accumulation_steps = 4  # >= 1
+max_iters = 1000          # >= 0
+learning_rate = 0.0       # >= 0; 0: 3e-4 with LoRA, 3e-5 for a full fine-tune; decays to a tenth
+warmup_iters = 50         # >= 0
+weight_decay = 0.0        # >= 0
+beta1 = 0.9               # [0, 1)
+beta2 = 0.999             # [0, 1)
+grad_clip = 1.0           # >= 0; 0: no clipping
+dropout = 0.0             # [0, 1); in the base model
 # evaluation and logs
-eval_interval = 100
-eval_iters = 20           # batches per split in an evaluation
-log_interval = 10
-eval_prompts = 3          # held-out instructions answered (greedily) at every evaluation
-sample_tokens = 128
+eval_interval = 100       # >= 1
+eval_iters = 20           # >= 1; batches per split in an evaluation
+log_interval = 10         # >= 1
+eval_prompts = 3          # >= 0; held-out instructions answered (greedily) at every evaluation
+sample_tokens = 128       # >= 1; the longest of those answers
 # system
-device = "auto"
+device = "auto"           # auto (cuda > mps > cpu) | cpu | cuda | cuda:1 | mps
 dtype = "auto"            # auto | float32 | bfloat16 | float16
-seed = 1337
+seed = 1337               # [0, 2**63)
 # -----------------------------------------------------------------------------
 DEFAULTS = {k: v for k, v in globals().items() if not k.startswith("_") and isinstance(v, (int, float, str))}
 # what a resumed run may not change: the data, its order and the trained layers
@@ -162,10 +162,16 @@ def read_records(path):
 
 
 def split_records(records, val_size, subset, seed):
-    """(train, val): a shuffle seeded by seed, val_size records held out, then --subset of the rest.
-    The held-out records do not depend on subset, so runs on different subsets compare."""
-    if not 0 < val_size < len(records):
-        fail(f"--val_size={val_size} must be between 1 and the {len(records)} records minus one")
+    """(train, val): a shuffle seeded by seed, val_size records held out (0: the smaller of 500 and a
+    tenth of the records, at least 1), then --subset of the rest. The held-out records do not
+    depend on subset, so runs on different subsets compare."""
+    if len(records) < 2:
+        fail(f"{len(records)} record: too few to hold any out for validation")
+    if not val_size:
+        val_size = max(1, min(500, len(records) // 10))
+        print(f"--val_size=0: holding out {val_size} of the {len(records)} records")
+    if val_size >= len(records):
+        fail(f"--val_size={val_size} must be below the {len(records)} records, to leave some to train on")
     order = torch.randperm(len(records), generator=torch.Generator().manual_seed(train.seed_for(seed, "split")))
     shuffled = [records[i] for i in order.tolist()]
     rest = shuffled[val_size:]
@@ -219,7 +225,7 @@ def prepare_model(c, ckpt, vocab_size):
     its checkpoint; a resumed LoRA run rebuilds the frozen base from init_from and loads the rest."""
     if ckpt is not None and not c.lora_rank:
         return train.model_from_checkpoint(ckpt)
-    model = train.build_model(SimpleNamespace(**vars(c), block_size=c.max_seq_len), vocab_size, ckpt=None)
+    model = train.build_model(SimpleNamespace(**vars(c), block_size=None), vocab_size, ckpt=None)  # not scratch
     if ckpt is not None:
         with torch.no_grad():
             for name, p in model.named_parameters():
@@ -242,25 +248,24 @@ def respond(model, enc, record, max_new_tokens, device, dtype):
 
 # ----------------------------------------------------------------------------- the run
 
-def check(c):
-    train.check_adapters(vars(c))
-    if c.init_from == "scratch":
-        fail("fine-tuning starts from trained weights: --init_from=gpt2 (or another GPT-2, or a HF directory)")
-    for key in ("batch_size", "gradient_accumulation_steps", "eval_interval", "eval_iters", "log_interval",
-                "max_seq_len", "sample_tokens"):
-        if getattr(c, key) < 1:
-            fail(f"--{key} must be at least 1, got {getattr(c, key)}")
-    if c.subset < 0 or c.eval_prompts < 0:
-        fail("--subset and --eval_prompts must be >= 0")
+def sequence_length(max_seq_len, context):
+    """The longest example kept: --max_seq_len, which must fit the model's context, or by default
+    the smaller of 512 and that context."""
+    if max_seq_len > context:
+        fail(f"--max_seq_len={max_seq_len} is longer than the model's context of {context} tokens")
+    return max_seq_len or min(512, context)
 
 
 def main(argv=None):
-    cfg, ckpt = train.run_config(DEFAULTS, FIXED_KEYS, argv, __doc__)
+    cfg, ckpt = train.run_config(DEFAULTS, FIXED_KEYS, argv, __doc__, __file__)
     ckpt_path = os.path.join(cfg["out_dir"], "ckpt.pt")
     if ckpt is not None:
         cfg["init_from"] = ckpt["config"]["init_from"]  # the base model, so that the next resume finds it too
     c = SimpleNamespace(**cfg)
-    check(c)
+    train.check_adapters(cfg)
+    if c.init_from == "scratch":
+        fail("fine-tuning starts from trained weights: --init_from=gpt2 (or another GPT-2, or a HF directory)")
+    writable_dir(c.out_dir)
     lr = c.learning_rate or (3e-4 if c.lora_rank else 3e-5)
     device = pick_device(c.device)
     dtype = pick_dtype(c.dtype, device)
@@ -270,18 +275,19 @@ def main(argv=None):
         fail(str(e))
 
     train_records, val_records = split_records(read_records(alpaca_file(c)), c.val_size, c.subset, c.seed)
-    splits = {"train": tokenize(enc, train_records, c.max_seq_len, "train"),
-              "val": tokenize(enc, val_records, c.max_seq_len, "val")}
+    model = prepare_model(c, ckpt, enc.n_vocab).to(device)
+    max_seq_len = sequence_length(c.max_seq_len, model.config.block_size)
+    splits = {"train": tokenize(enc, train_records, max_seq_len, "train"),
+              "val": tokenize(enc, val_records, max_seq_len, "val")}
     if len(splits["train"]) < c.batch_size or not splits["val"]:
         fail(f"{len(splits['train'])} training and {len(splits['val'])} validation examples fit in "
-             f"max_seq_len={c.max_seq_len}: too few for --batch_size={c.batch_size}")
+             f"max_seq_len={max_seq_len}: too few for --batch_size={c.batch_size}")
     get_batch, step_tokens = batch_loader(splits, c.batch_size, c.gradient_accumulation_steps, c.mask_prompt,
                                           enc.eot_token, device, c.seed)
     eval_iters = min(c.eval_iters, math.ceil(len(splits["val"]) / c.batch_size),
                      math.ceil(len(splits["train"]) / c.batch_size))
     held_out = val_records[:c.eval_prompts]
 
-    model = prepare_model(c, ckpt, enc.n_vocab).to(device)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     mode = "full fine-tune" if not c.lora_rank else "QLoRA" if c.quantize == "nf4" else "LoRA"
     print(f"{mode} of {c.init_from}: {trainable / 1e6:.2f}M of {model.num_params(non_embedding=False) / 1e6:.2f}M parameters train; "
@@ -289,47 +295,59 @@ def main(argv=None):
     optimizer = train.make_optimizer(model, lr, c.weight_decay, (c.beta1, c.beta2), device)
     scaler = train.make_scaler(device, dtype)
     log_path = os.path.join(c.out_dir, "log.jsonl")
-    os.makedirs(c.out_dir, exist_ok=True)
     start_iter, best_val_loss = train.restore_run(ckpt, optimizer, scaler, log_path)
+
+    def checkpoint(it, evaluated=True):
+        state = train.run_state(optimizer, scaler, it, best_val_loss, cfg, model, "gpt2", log_path,
+                                script="finetune_alpaca.py", evaluated=evaluated)
+        if c.lora_rank:  # the frozen base comes back from init_from: keep only what trains
+            gpt.save_adapter(model, c.out_dir, base_model=c.init_from)
+            state["adapter"] = {n: p.detach() for n, p in model.named_parameters() if p.requires_grad}
+        else:
+            state["model"] = model.state_dict()
+        train.save_checkpoint(ckpt_path, state)
 
     it = start_iter
     t_last, it_last, tokens = time.perf_counter(), it, 0
-    while True:
-        if (it % c.eval_interval == 0 or it == c.max_iters) and not (ckpt is not None and it == start_iter):
-            losses = train.evaluate(model, get_batch, eval_iters, device=device, dtype=dtype)
-            best_val_loss = min(best_val_loss, losses["val"])
-            responses = [{**r, "response": respond(model, enc, r, c.sample_tokens, device, dtype)} for r in held_out]
-            print(f"eval {it}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f} (best {best_val_loss:.4f})")
-            for r in responses:
-                print(f"  {r['instruction']!r} -> {r['response']!r}")
-            train.log_record(log_path, {"iter": it, "train_loss": losses["train"], "val_loss": losses["val"],
-                                        "best_val_loss": best_val_loss, "responses": responses})
-            train.plot_log(log_path, os.path.join(c.out_dir, "loss.png"))
-            state = train.run_state(optimizer, scaler, it, best_val_loss, cfg, model, "gpt2", log_path)
-            if c.lora_rank:  # the frozen base comes back from init_from: keep only what trains
-                gpt.save_adapter(model, c.out_dir, base_model=c.init_from)
-                state["adapter"] = {n: p.detach() for n, p in model.named_parameters() if p.requires_grad}
-            else:
-                state["model"] = model.state_dict()
-            train.save_checkpoint(ckpt_path, state)
-            t_last, it_last, tokens = time.perf_counter(), it, 0
-        if it >= c.max_iters:
-            break
+    with train.stop_signals() as caught:
+        while True:
+            if train.due_for_eval(it, c.eval_interval, c.max_iters, ckpt, start_iter):
+                losses = train.evaluate(model, get_batch, eval_iters, device=device, dtype=dtype)
+                best_val_loss = min(best_val_loss, losses["val"])
+                responses = [{**r, "response": respond(model, enc, r, c.sample_tokens, device, dtype)}
+                             for r in held_out]
+                print(f"eval {it}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f} "
+                      f"(best {best_val_loss:.4f})")
+                for r in responses:
+                    print(f"  {r['instruction']!r} -> {r['response']!r}")
+                train.log_record(log_path, {"iter": it, "train_loss": losses["train"], "val_loss": losses["val"],
+                                            "best_val_loss": best_val_loss, "responses": responses})
+                train.plot_log(log_path, os.path.join(c.out_dir, "loss.png"))
+                checkpoint(it)
+                t_last, it_last, tokens = time.perf_counter(), it, 0
+            if it >= c.max_iters:
+                break
 
-        step_lr = train.lr_at(it, lr, lr / 10, c.warmup_iters, c.max_iters)
-        loss = train.train_step(model, optimizer, scaler, get_batch, it, step_lr, c.gradient_accumulation_steps,
-                                device=device, dtype=dtype, grad_clip=c.grad_clip, seed=c.seed)
-        tokens += step_tokens(it)
-        if it % c.log_interval == 0:
-            loss = loss.item()
-            seconds = time.perf_counter() - t_last
-            record = {"iter": it, "loss": loss, "lr": step_lr, "tokens_per_s": tokens / seconds,
-                      "ms": 1000 * seconds / (it + 1 - it_last), "mem": train.memory_mb(device)}
-            print(f"iter {it}: loss {loss:.4f}, lr {step_lr:.2e}, {record['ms']:.1f} ms/iter, "
-                  f"{record['tokens_per_s']:,.0f} tokens/s, mem {record['mem']:,.0f} MB", flush=True)
-            train.log_record(log_path, record)
-            t_last, it_last, tokens = time.perf_counter(), it + 1, 0
-        it += 1
+            step_lr = train.lr_at(it, lr, lr / 10, c.warmup_iters, c.max_iters)
+            loss = train.train_step(model, optimizer, scaler, get_batch, it, step_lr, c.gradient_accumulation_steps,
+                                    device=device, dtype=dtype, grad_clip=c.grad_clip, seed=c.seed)
+            tokens += step_tokens(it)
+            if it % c.log_interval == 0:
+                loss = loss.item()
+                seconds = time.perf_counter() - t_last
+                record = {"iter": it, "loss": loss, "lr": step_lr, "tokens_per_s": tokens / seconds,
+                          "ms": 1000 * seconds / (it + 1 - it_last), "mem": train.memory_mb(device)}
+                print(f"iter {it}: loss {loss:.4f}, lr {step_lr:.2e}, {record['ms']:.1f} ms/iter, "
+                      f"{record['tokens_per_s']:,.0f} tokens/s, mem {record['mem']:,.0f} MB", flush=True)
+                train.log_record(log_path, record)
+                t_last, it_last, tokens = time.perf_counter(), it + 1, 0
+            it += 1
+            stop = train.agreed_stop(caught, 1, device)
+            if stop and it < c.max_iters:
+                checkpoint(it, evaluated=False)
+                print(train.stop_message(it, ckpt_path, "finetune_alpaca.py", c.out_dir, 1), flush=True)
+                raise SystemExit(128 + stop)
+    print(f"done: {c.max_iters} iterations; checkpoint in {ckpt_path}, log in {log_path}")
 
     if c.merge:
         merged_dir = os.path.join(c.out_dir, "merged")
@@ -338,4 +356,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    run(main)

@@ -749,11 +749,29 @@ def save_adapter(model, directory, base_model):
     os.replace(tmp, directory / "adapter.json")
 
 
+ADAPTER_FIELDS = {"base_model": str, "rank": int, "alpha": (int, float), "dropout": (int, float), "targets": list,
+                  "quantize": (str, type(None)), "double_quant": bool}
+
+
+def read_adapter_config(directory):
+    """adapter.json, checked: every field save_adapter writes, of the right type."""
+    path = Path(directory) / "adapter.json"
+    try:
+        config = json.loads(path.read_text())
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ValueError(f"{path} is not JSON: {e}") from None
+    wrong = [k for k, kind in ADAPTER_FIELDS.items()
+             if not isinstance(config, dict) or not isinstance(config.get(k), kind)]
+    if wrong:
+        raise ValueError(f"{path} lacks or mistypes {', '.join(wrong)}: is it save_adapter's?")
+    return config
+
+
 def load_adapter(model, directory):
     """Put the adapter saved in directory on model, its base model: quantize it as in training, add
     the LoRA layers and load their tensors. Returns adapter.json's contents."""
     directory = Path(directory)
-    config = json.loads((directory / "adapter.json").read_text())
+    config = read_adapter_config(directory)
     if config["quantize"] == "nf4":
         quantize_model(model, config["double_quant"])
     apply_lora(model, config["rank"], config["alpha"], config["dropout"], config["targets"])

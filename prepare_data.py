@@ -30,7 +30,6 @@ import json
 import os
 import re
 import sys
-import tempfile
 import time
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
@@ -42,7 +41,7 @@ import numpy as np
 from tqdm import tqdm
 
 import gpt
-from cli import configure, fail
+from cli import configure, fail, run, writable_dir
 
 # ----------------------------------------------------------------------------- shard format
 
@@ -418,8 +417,7 @@ def fetch(source):
     return Path(source["path"])
 
 
-# ----------------------------------------------------------------------------- main
-
+# ----------------------------------------------------------------------------- defaults
 DEFAULTS = {
     "dataset": "",              # or the first argument: tinystories, shakespeare, wikitext103, wikitext2, text
     "out_dir": "",              # default data/<dataset>
@@ -427,12 +425,15 @@ DEFAULTS = {
     "version": 2,               # tinystories: 2 = TinyStoriesV2-GPT4 (GPT-4 stories only), 1 = the original files
     "input": "",                # text: files and folders, comma-separated
     "documents": "paragraphs",  # text: "paragraphs" (split on blank lines) or "files" (one document per file)
-    "val_fraction": 0.1,        # text, shakespeare: the last this much of the bytes is val
+    "val_fraction": 0.1,        # (0, 1); text, shakespeare: the last this much of the bytes is val
     "url": SHAKESPEARE_URL,     # shakespeare: where input.txt comes from (a mirror, say)
     "errors": "strict",         # undecodable UTF-8: "strict" stops and says where, "replace" substitutes U+FFFD
-    "workers": 0,               # tokenizing threads, 0 = one per core
+    "workers": 0,               # >= 0; tokenizing threads, 0 = one per core
     "force": False,             # redo the splits that are already prepared
 }
+
+# ----------------------------------------------------------------------------- main
+
 APPLIES_TO = {"version": {"tinystories"}, "input": {"text"}, "documents": {"text"},
               "val_fraction": {"text", "shakespeare"}, "url": {"shakespeare"},
               "errors": {"tinystories", "text", "shakespeare"}}
@@ -450,10 +451,6 @@ def check(cfg):
     for key, choices in CHOICES.items():
         if cfg[key] not in choices:
             fail(f"--{key}={cfg[key]!r} is not one of {', '.join(map(repr, choices))}")
-    if not 0 < cfg["val_fraction"] < 1:
-        fail(f"--val_fraction={cfg['val_fraction']} must lie strictly between 0 and 1")
-    if cfg["workers"] < 0:
-        fail(f"--workers={cfg['workers']} must be 0 (one per core) or more")
     if urlsplit(cfg["url"]).scheme not in ("http", "https"):
         fail(f"--url={cfg['url']!r} is not an http(s) URL")
     if name.startswith("wikitext"):
@@ -504,18 +501,18 @@ def main(argv=None):
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and not argv[0].startswith("-") and not argv[0].endswith(".py"):
         argv[0] = f"--dataset={argv[0]}"  # the dataset may come first, bare
-    cfg = configure(DEFAULTS, argv, doc=__doc__)
+    more = [a for a in argv[1:] if a in DATASETS]
+    if more:
+        fail(f"one dataset at a time: got {argv[0].partition('=')[2]} and {', '.join(more)}; "
+             f"run prepare_data.py once for each")
+    cfg = configure(DEFAULTS, argv, doc=__doc__, source=__file__)
     check(cfg)
     try:
         enc = gpt.get_tokenizer(cfg["tokenizer"])
     except (ValueError, gpt.DownloadError) as e:
         fail(str(e))
     out_dir = Path(cfg["out_dir"] or Path("data") / cfg["dataset"])
-    try:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        tempfile.TemporaryFile(dir=out_dir).close()  # writable?
-    except OSError as e:
-        fail(f"cannot write to --out_dir={out_dir}: {e.strerror}")
+    writable_dir(out_dir)
     plan = DATASETS[cfg["dataset"]](cfg)
     current = settings(cfg, enc)
     record = {} if cfg["force"] else load_record(out_dir, current)
@@ -545,4 +542,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    run(main)

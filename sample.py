@@ -15,21 +15,21 @@ import sys
 
 import torch
 
-from cli import autocast, configure, fail, pick_device, pick_dtype
+from cli import autocast, configure, fail, pick_device, pick_dtype, run
 from finetune_alpaca import alpaca_prompt
-from gpt import GPT, DownloadError, get_tokenizer, load_adapter
+from gpt import GPT, DownloadError, get_tokenizer, load_adapter, read_adapter_config
 from train import load_checkpoint, model_from_checkpoint
 
 # ----------------------------------------------------------------------------- defaults
-init_from = "gpt2"      # gpt2 | gpt2-medium | gpt2-large | gpt2-xl | a local HF-format directory | resume
+init_from = ""          # gpt2 | gpt2-medium | gpt2-large | gpt2-xl | a local HF-format directory | resume; "": gpt2, or with --adapter the model it was trained on
 out_dir = "out"         # where --init_from=resume finds ckpt.pt
 start = ""              # the prompt, or FILE:path to read it from a file; empty starts from <|endoftext|>
-num_samples = 1
-max_new_tokens = 200
-temperature = 0.8       # 0 is greedy
-top_k = 200             # 0 turns top-k filtering off
-top_p = 1.0             # nucleus sampling: 1.0 turns it off
-seed = 1337
+num_samples = 1         # >= 1
+max_new_tokens = 200    # >= 1
+temperature = 0.8       # >= 0; 0 is greedy
+top_k = 200             # >= 0; 0 turns top-k filtering off
+top_p = 1.0             # (0, 1]; nucleus sampling: 1.0 turns it off
+seed = 1337             # [0, 2**63)
 device = "auto"         # auto (cuda > mps > cpu) | cpu | cuda | cuda:1 | mps
 dtype = "auto"          # auto | float32 | bfloat16 | float16
 interactive = False     # read prompts from stdin, one per line, and answer each
@@ -47,17 +47,22 @@ def load_model(cfg):
             fail("--adapter goes with a base model (--init_from=gpt2, ...), not with --init_from=resume")
         ckpt = load_checkpoint(os.path.join(cfg["out_dir"], "ckpt.pt"))
         return model_from_checkpoint(ckpt), ckpt["tokenizer"]
+    adapter_error = f"cannot load the adapter in {cfg['adapter']}"
     try:
-        model = GPT.from_pretrained(cfg["init_from"])
+        base = read_adapter_config(cfg["adapter"])["base_model"] if cfg["adapter"] else "gpt2"
+    except (OSError, ValueError) as e:
+        fail(f"{adapter_error}: {e}")
+    try:
+        model = GPT.from_pretrained(cfg["init_from"] or base)
     except (ValueError, FileNotFoundError, DownloadError) as e:
         fail(str(e))
     if cfg["adapter"]:
         try:
-            base = load_adapter(model, cfg["adapter"])["base_model"]
-        except (OSError, ValueError, KeyError) as e:
-            fail(f"cannot load the adapter in {cfg['adapter']}: {e}")
-        if base != cfg["init_from"]:
-            print(f"note: the adapter was trained on {base}, it is applied to {cfg['init_from']}", file=sys.stderr)
+            load_adapter(model, cfg["adapter"])
+        except (OSError, ValueError) as e:
+            fail(f"{adapter_error}: {e}")
+    if cfg["init_from"] and cfg["adapter"] and base != cfg["init_from"]:
+        print(f"note: the adapter was trained on {base}, it is applied to {cfg['init_from']}", file=sys.stderr)
     return model, cfg["tokenizer"]
 
 
@@ -96,15 +101,29 @@ def stream(model, enc, ids, cfg, device):
     sys.stdout.flush()
 
 
+def interact(model, enc, cfg):
+    """Answer each line of stdin; at a terminal, with a banner and a prompt. Ctrl-C or Ctrl-D ends it quietly."""
+    terminal = sys.stdin.isatty()
+    if terminal:
+        print("type a prompt and press Enter; Ctrl-D or Ctrl-C to quit", file=sys.stderr)
+    try:
+        while True:
+            if terminal:
+                sys.stderr.write("> ")
+                sys.stderr.flush()
+            line = sys.stdin.readline()
+            if not line:
+                break
+            stream(model, enc, encode_prompt(enc, line.rstrip("\n"), model.config.block_size), cfg, cfg["device"])
+    except KeyboardInterrupt:
+        pass
+    if terminal:
+        sys.stderr.write("\n")
+
+
 def main(argv=None):
     defaults = {k: v for k, v in globals().items() if not k.startswith("_") and isinstance(v, (int, float, str))}
-    cfg = configure(defaults, argv, doc=__doc__)
-    if cfg["max_new_tokens"] <= 0:
-        fail(f"--max_new_tokens must be positive, got {cfg['max_new_tokens']}")
-    if not 0 < cfg["top_p"] <= 1:
-        fail(f"--top_p must be in (0, 1], got {cfg['top_p']}")
-    if cfg["temperature"] < 0 or cfg["top_k"] < 0 or cfg["num_samples"] < 1:
-        fail("--temperature and --top_k must be >= 0 and --num_samples >= 1")
+    cfg = configure(defaults, argv, doc=__doc__, source=__file__)
     if cfg["input"] and not cfg["instruction"]:
         fail("--input goes with an --instruction")
     if cfg["instruction"] and (cfg["start"] or cfg["interactive"]):
@@ -119,8 +138,7 @@ def main(argv=None):
     except (ValueError, DownloadError) as e:
         fail(str(e))
     if cfg["interactive"]:
-        for line in sys.stdin:
-            stream(model, enc, encode_prompt(enc, line.rstrip("\n"), model.config.block_size), cfg, cfg["device"])
+        interact(model, enc, cfg)
         return
     if cfg["instruction"]:  # encoded as in training: the prompt's text is ordinary text
         ids = enc.encode_ordinary(alpaca_prompt(cfg["instruction"], cfg["input"]))
@@ -134,4 +152,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    run(main)

@@ -20,8 +20,10 @@ import hashlib
 import json
 import math
 import os
+import signal
 import sys
 import time
+from contextlib import contextmanager
 from dataclasses import asdict
 from types import SimpleNamespace
 
@@ -30,57 +32,57 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from cli import autocast, configure, fail, pick_device, pick_dtype
+from cli import autocast, configure, fail, pick_device, pick_dtype, run, writable_dir
 from gpt import GPT, DownloadError, GPTConfig, apply_lora, get_tokenizer, quantize_model
-from prepare_data import read_tokens
+from prepare_data import DATASETS, read_tokens
 
 # ----------------------------------------------------------------------------- defaults
 # I/O
 out_dir = "out"
-eval_interval = 250       # evaluate, sample, plot and checkpoint every this many iterations
-eval_iters = 50           # batches per split in an evaluation, spread over the processes
-log_interval = 10
+eval_interval = 250       # >= 1; evaluate, sample, plot and checkpoint every this many iterations
+eval_iters = 50           # >= 1; batches per split in an evaluation, spread over the processes
+log_interval = 10         # >= 1
 init_from = "scratch"     # scratch | resume | gpt2 | gpt2-medium | gpt2-large | gpt2-xl | a local HF directory
 sample_prompt = ""        # the fixed prompt sampled from at each evaluation; empty: <|endoftext|>
-sample_tokens = 48        # 0: no sample
+sample_tokens = 48        # >= 0; 0: no sample
 wandb_log = False
 wandb_project = "gpt2ref"
 wandb_run_name = "train"
 # data: data_dir/dataset/{train,val}.bin and meta.json, from prepare_data.py
 dataset = "tinystories"
 data_dir = "data"
-batch_size = 8
-block_size = 256
-gradient_accumulation_steps = 1  # per process: a step sees world_size * this * batch_size sequences
+batch_size = 8            # >= 1
+block_size = 256          # >= 1
+gradient_accumulation_steps = 1  # >= 1; per process: a step sees world_size * this * batch_size sequences
 # model (ignored for gpt2* weights, which bring their own shape)
-n_layer = 6
-n_head = 6
-n_embd = 384
-dropout = 0.0
+n_layer = 6               # >= 1
+n_head = 6                # >= 1
+n_embd = 384              # >= 1; a multiple of n_head
+dropout = 0.0             # [0, 1)
 bias = True
 pos_emb = "learned"       # learned | rope
 mlp = "gelu"              # gelu | swiglu
 # parameter-efficient training: LoRA adapters on frozen weights (gpt.py's lora and nf4 sections)
-lora_rank = 0             # 0: train every weight
-lora_alpha = 16.0
-lora_dropout = 0.05
+lora_rank = 0             # >= 0; 0: train every weight
+lora_alpha = 16.0         # > 0; the update is scaled by lora_alpha / lora_rank
+lora_dropout = 0.05       # [0, 1)
 quantize = "none"         # none | nf4: the frozen block weights in 4 bits, QLoRA (needs lora_rank > 0)
 # AdamW and the learning-rate schedule
-learning_rate = 6e-4
-max_iters = 5000
-weight_decay = 0.1
-beta1 = 0.9
-beta2 = 0.95
-grad_clip = 1.0           # 0: no clipping
-warmup_iters = 100
-lr_decay_iters = 0        # cosine decay to min_lr ends here; 0: at max_iters
-min_lr = 6e-5
+learning_rate = 6e-4      # > 0
+max_iters = 5000          # >= 0
+weight_decay = 0.1        # >= 0
+beta1 = 0.9               # [0, 1)
+beta2 = 0.95              # [0, 1)
+grad_clip = 1.0           # >= 0; 0: no clipping
+warmup_iters = 100        # >= 0
+lr_decay_iters = 0        # >= 0; cosine decay to min_lr ends here; 0: at max_iters
+min_lr = 6e-5             # >= 0
 # system
 device = "auto"           # auto (cuda > mps > cpu) | cpu | cuda | cuda:1 | mps
 dtype = "auto"            # auto | float32 | bfloat16 | float16 (float16 adds a GradScaler)
 compile = False           # torch.compile the model
-seed = 1337
-peak_flops = 0.0          # FLOP/s that MFU is against; 0: A100 bf16 (312e12) on CUDA, a measured matmul elsewhere
+seed = 1337               # [0, 2**63)
+peak_flops = 0.0          # >= 0; FLOP/s that MFU is against; 0: A100 bf16 (312e12) on CUDA, a measured matmul elsewhere
 # -----------------------------------------------------------------------------
 DEFAULTS = {k: v for k, v in globals().items() if not k.startswith("_") and isinstance(v, (int, float, str))}
 MODEL_KEYS = ("n_layer", "n_head", "n_embd", "block_size", "bias", "pos_emb", "mlp",  # fixed once a run starts
@@ -114,13 +116,24 @@ def batch_loader(folder, batch_size, block_size, device, seed):
 
 
 def read_meta(folder, block_size):
-    """meta.json of a prepared dataset, after checking both shards are there and long enough."""
+    """meta.json of a prepared dataset, after checking it and that both shards are there and long enough."""
+    path = os.path.join(folder, "meta.json")
+    name = os.path.basename(folder)
     try:
-        with open(os.path.join(folder, "meta.json")) as f:
+        with open(path) as f:
             meta = json.load(f)
     except FileNotFoundError:
-        fail(f"no dataset in {folder} (meta.json is missing): prepare one with `python prepare_data.py "
-             f"{os.path.basename(folder)}` or point --data_dir/--dataset at it")
+        how = (f"python prepare_data.py {name}" if name in DATASETS else
+               f"python prepare_data.py text --input=your.txt --out_dir={folder}")
+        fail(f"no dataset in {folder} (meta.json is missing): prepare one with `{how}` or point "
+             f"--data_dir/--dataset at it")
+    except (OSError, ValueError) as e:
+        fail(f"cannot read {path}: {e}; prepare the dataset again with prepare_data.py")
+    vocab_size = meta.get("vocab_size") if isinstance(meta, dict) else None
+    if not isinstance(meta, dict) or not isinstance(meta.get("tokenizer"), str):
+        fail(f"{path} names no tokenizer: prepare the dataset again with prepare_data.py")
+    if isinstance(vocab_size, bool) or not isinstance(vocab_size, int) or vocab_size < 1:
+        fail(f"{path}: vocab_size must be a positive int, got {vocab_size!r}; prepare the dataset again")
     for split in ("train", "val"):
         try:
             count = len(read_tokens(os.path.join(folder, f"{split}.bin")))
@@ -221,6 +234,40 @@ def evaluate(model, get_batch, eval_iters, rank=0, world_size=1, device="cpu", d
 
 # ----------------------------------------------------------------------------- processes
 
+@contextmanager
+def stop_signals(announce=True):
+    """Within it, Ctrl-C (SIGINT) and SIGTERM, which clusters send before they preempt a job, do
+    not stop the run at once: they are recorded in the list it yields, and the training loop
+    finishes its step, writes a checkpoint and exits. A second one stops at once, which is safe too:
+    checkpoints are written atomically, so the last one is whole."""
+    caught = []
+
+    def handler(signum, frame):
+        if caught:
+            os.write(2, b"stopped at once; the last checkpoint is whole\n")
+            os._exit(128 + signum)
+        caught.append(signum)
+        if announce:
+            os.write(2, f"{signal.Signals(signum).name}: stopping after this step (again to stop at once)\n".encode())
+
+    previous = {sig: signal.signal(sig, handler) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield caught
+    finally:
+        for sig, old in previous.items():
+            signal.signal(sig, old)
+
+
+def agreed_stop(caught, world_size, device):
+    """The signal to stop on, or 0, the same in every process: a signal reaches torchrun's processes
+    at different moments, so they take the largest any of them has caught, once per iteration."""
+    if world_size == 1:
+        return caught[0] if caught else 0
+    flag = torch.tensor(caught[0] if caught else 0, device=device)
+    dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+    return int(flag.item())
+
+
 def setup_ddp(device):
     """Join the process group when started by torchrun (nccl for GPUs, gloo otherwise); each
     process takes the GPU of its local rank. Returns (rank, world_size, device)."""
@@ -256,16 +303,37 @@ def load_checkpoint(path):
     if not os.path.exists(path):
         fail(f"no checkpoint at {path}: train first, or point --out_dir at the run to resume")
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # torch raises several kinds for a damaged or foreign file
-        fail(f"{path} is not a loadable checkpoint: {str(e).splitlines()[0]}")
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception:  # torch raises several kinds, and its advice (weights_only=False) is not to be followed
+        ckpt = None
+    if not isinstance(ckpt, dict) or not isinstance(ckpt.get("config"), dict) or "iter" not in ckpt:
+        fail(f"{path} is damaged or not a checkpoint of train.py or finetune_alpaca.py; "
+             f"start a new run with another --out_dir")
+    return ckpt
 
 
-def run_state(optimizer, scaler, it, best_val_loss, cfg, model, tokenizer, log_path):
-    """What a checkpoint holds besides the weights: all it takes to go on exactly where it was written."""
+def run_state(optimizer, scaler, it, best_val_loss, cfg, model, tokenizer, log_path, *, script, evaluated=True):
+    """What a checkpoint holds besides the weights: all it takes to go on exactly where it was
+    written. evaluated: whether iteration it's evaluation (if it has one) is done; a run stopped by
+    a signal writes its checkpoint before it."""
     return {"optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(), "iter": it,
             "best_val_loss": best_val_loss, "config": cfg, "model_args": asdict(model.config),
-            "tokenizer": tokenizer, "log_bytes": os.path.getsize(log_path)}
+            "tokenizer": tokenizer, "log_bytes": os.path.getsize(log_path), "script": script,
+            "evaluated": evaluated}
+
+
+def due_for_eval(it, eval_interval, max_iters, ckpt, start_iter):
+    """Evaluate (and checkpoint) every eval_interval iterations and at the end, except where the run
+    resumes from a checkpoint written after that evaluation."""
+    if ckpt is not None and it == start_iter and ckpt.get("evaluated", True):
+        return False
+    return it % eval_interval == 0 or it == max_iters
+
+
+def stop_message(it, ckpt_path, script, out_dir, world_size):
+    launcher = f"torchrun --standalone --nproc_per_node={world_size}" if world_size > 1 else "python"
+    return (f"stopped at iteration {it}; checkpoint in {ckpt_path}; resume with: "
+            f"{launcher} {script} --init_from=resume --out_dir={out_dir}")
 
 
 def restore_run(ckpt, optimizer, scaler, log_path, write_files=True):
@@ -284,18 +352,23 @@ def restore_run(ckpt, optimizer, scaler, log_path, write_files=True):
     return ckpt["iter"], ckpt["best_val_loss"]
 
 
-def run_config(defaults, fixed_keys, argv=None, doc=None):
+def run_config(defaults, fixed_keys, argv=None, doc=None, source=None):
     """(cfg, ckpt): the settings from defaults, config files and --key=value, and no checkpoint.
     With --init_from=resume, the checkpoint in out_dir too, and its run's settings become the
     defaults, so the command line changes only what it names; it may not change fixed_keys (the
-    model's shape, ...)."""
-    cfg = configure(defaults, argv, doc=doc)
+    model's shape, ...). source is the script's file: its defaults block states the ranges, and
+    its name must be the one that wrote the checkpoint."""
+    cfg = configure(defaults, argv, doc=doc, source=source)
     if cfg["init_from"] != "resume":
         return cfg, None
     ckpt_path = os.path.join(cfg["out_dir"], "ckpt.pt")
     ckpt = load_checkpoint(ckpt_path)
+    script = os.path.basename(source)
+    if ckpt.get("script", script) != script:
+        fail(f"{ckpt_path} was written by {ckpt['script']}: resume it with `python {ckpt['script']} "
+             f"--init_from=resume --out_dir={cfg['out_dir']}`, or give {script} another --out_dir")
     saved = {k: ckpt["config"].get(k, v) for k, v in defaults.items()}
-    cfg = configure(saved, argv, doc=doc)
+    cfg = configure(saved, argv, doc=doc, source=source)
     changed = [k for k in fixed_keys if cfg[k] != saved[k]]
     if changed:
         fail(f"{ckpt_path} was trained with {', '.join(f'{k}={saved[k]!r}' for k in changed)}; resuming cannot "
@@ -305,8 +378,6 @@ def run_config(defaults, fixed_keys, argv=None, doc=None):
 
 def check_adapters(cfg):
     """Catch a bad LoRA/QLoRA setting before any weights are downloaded."""
-    if cfg["lora_rank"] < 0:
-        fail(f"--lora_rank must be >= 0, got {cfg['lora_rank']}")
     if cfg["quantize"] not in ("none", "nf4"):
         fail(f"--quantize={cfg['quantize']} is not one of none, nf4")
     if cfg["quantize"] == "nf4" and not cfg["lora_rank"]:
@@ -443,22 +514,17 @@ def build_model(c, vocab_size, ckpt):
     set_dropout(model, c.dropout)
     if ckpt is None:
         add_adapters(model, vars(c))
-    if c.block_size > model.config.block_size:
-        fail(f"--block_size={c.block_size} is longer than the model's context of {model.config.block_size}")
     if vocab_size > model.config.vocab_size:
         fail(f"the dataset's vocabulary ({vocab_size}) is larger than the model's ({model.config.vocab_size})")
     return model
 
 
 def main(argv=None):
-    cfg, ckpt = run_config(DEFAULTS, MODEL_KEYS, argv, __doc__)
+    cfg, ckpt = run_config(DEFAULTS, MODEL_KEYS, argv, __doc__, __file__)
     ckpt_path = os.path.join(cfg["out_dir"], "ckpt.pt")
     c = SimpleNamespace(**cfg)
-    for key in ("batch_size", "block_size", "gradient_accumulation_steps", "eval_interval", "eval_iters",
-                "log_interval"):
-        if cfg[key] < 1:
-            fail(f"--{key} must be at least 1, got {cfg[key]}")
     check_adapters(cfg)
+    writable_dir(c.out_dir)
 
     rank, world_size, device = setup_ddp(pick_device(c.device))
     master = rank == 0  # only the first process writes files and prints
@@ -475,18 +541,20 @@ def main(argv=None):
     prompt = enc.encode(c.sample_prompt, allowed_special={"<|endoftext|>"}) if c.sample_prompt else [enc.eot_token]
 
     model = build_model(c, meta["vocab_size"], ckpt).to(device)
-    if max(prompt) >= model.config.vocab_size:
-        fail(f"--sample_prompt={c.sample_prompt!r} has token ids beyond the model's vocabulary "
-             f"of {model.config.vocab_size}")
+    if c.block_size > model.config.block_size:
+        fail(f"--block_size={c.block_size} is longer than the model's context of {model.config.block_size}")
+    vocab = model.config.vocab_size
+    if c.sample_tokens and max(prompt) >= vocab:  # a dataset may use only the first ids of its tokenizer
+        fail(f"--sample_prompt={c.sample_prompt!r} has token ids beyond the model's vocabulary of {vocab}"
+             if c.sample_prompt else
+             f"the evaluation sample starts from <|endoftext|> (id {enc.eot_token}), beyond the model's vocabulary "
+             f"of {vocab} (meta.json's vocab_size): give a --sample_prompt within it, or --sample_tokens=0")
     optimizer = make_optimizer(model, c.learning_rate, c.weight_decay, (c.beta1, c.beta2), device)
     scaler = make_scaler(device, dtype)
     log_path = os.path.join(c.out_dir, "log.jsonl")
-    if master:
-        os.makedirs(c.out_dir, exist_ok=True)
     start_iter, best_val_loss = restore_run(ckpt, optimizer, scaler, log_path, write_files=master)
     fast = torch.compile(model) if c.compile else model  # checkpoints come from model: no _orig_mod. keys
-    trained = fast if world_size == 1 else DDP(fast, device_ids=[device] if device.startswith("cuda") else None,
-                                               broadcast_buffers=False)  # the RoPE tables never change
+    trained = fast if world_size == 1 else DDP(fast, device_ids=[device] if device.startswith("cuda") else None)
     wandb_run = None
     if c.wandb_log and master:
         import wandb
@@ -500,52 +568,69 @@ def main(argv=None):
         print(f"{model.num_params() / 1e6:.2f}M parameters, {tokens_per_iter:,} tokens per iteration, "
               f"{world_size} process(es) on {device}, {dtype}, peak {peak / 1e12:.3f} TFLOP/s for MFU",
               flush=True)
+
+    def checkpoint(it, evaluated=True):
+        save_checkpoint(ckpt_path, {"model": model.state_dict(), **run_state(
+            optimizer, scaler, it, best_val_loss, cfg, model, meta["tokenizer"], log_path, script="train.py",
+            evaluated=evaluated)})
+
     it = start_iter
     t_last, it_last = time.perf_counter(), it
-    while True:
-        if (it % c.eval_interval == 0 or it == c.max_iters) and not (ckpt is not None and it == start_iter):
-            losses = evaluate(fast, get_batch, c.eval_iters, rank, world_size, device, dtype)
-            best_val_loss = min(best_val_loss, losses["val"])
-            if master:
-                text = ""
-                if c.sample_tokens:
-                    torch.manual_seed(c.seed)  # the same draw at every evaluation, so samples compare
-                    with autocast(device, dtype):
-                        out = model.eval().generate(torch.tensor([prompt], device=device), c.sample_tokens,
-                                                    temperature=0.8, top_k=200)
-                    model.train()
-                    text = enc.decode(out[0, len(prompt):].tolist())
-                print(f"eval {it}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f} "
-                      f"(best {best_val_loss:.4f}), sample: {text!r}", flush=True)
-                log_record(log_path, {"iter": it, "train_loss": losses["train"], "val_loss": losses["val"],
-                                      "best_val_loss": best_val_loss, "sample": text}, wandb_run)
-                plot_log(log_path, os.path.join(c.out_dir, "loss.png"))
-                save_checkpoint(ckpt_path, {"model": model.state_dict(), **run_state(
-                    optimizer, scaler, it, best_val_loss, cfg, model, meta["tokenizer"], log_path)})
-            t_last, it_last = time.perf_counter(), it  # evaluation time is not training time
-        if it >= c.max_iters:
-            break
+    with stop_signals(announce=master) as caught:
+        while True:
+            if due_for_eval(it, c.eval_interval, c.max_iters, ckpt, start_iter):
+                losses = evaluate(fast, get_batch, c.eval_iters, rank, world_size, device, dtype)
+                best_val_loss = min(best_val_loss, losses["val"])
+                if master:
+                    text = ""
+                    if c.sample_tokens:
+                        torch.manual_seed(c.seed)  # the same draw at every evaluation, so samples compare
+                        with autocast(device, dtype):
+                            out = model.eval().generate(torch.tensor([prompt], device=device), c.sample_tokens,
+                                                        temperature=0.8, top_k=200)
+                        model.train()
+                        text = enc.decode(out[0, len(prompt):].tolist())
+                    print(f"eval {it}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f} "
+                          f"(best {best_val_loss:.4f}), sample: {text!r}", flush=True)
+                    log_record(log_path, {"iter": it, "train_loss": losses["train"], "val_loss": losses["val"],
+                                          "best_val_loss": best_val_loss, "sample": text}, wandb_run)
+                    plot_log(log_path, os.path.join(c.out_dir, "loss.png"))
+                    checkpoint(it)
+                t_last, it_last = time.perf_counter(), it  # evaluation time is not training time
+            if it >= c.max_iters:
+                break
 
-        lr = lr_at(it, c.learning_rate, c.min_lr, c.warmup_iters, decay_iters)
-        loss = train_step(trained, optimizer, scaler, get_batch, it, lr, c.gradient_accumulation_steps, rank,
-                          world_size, device, dtype, c.grad_clip, c.seed)
-        if it % c.log_interval == 0:
-            loss = mean_over_ranks(loss, world_size)  # waits for the step to finish: the timing is honest
-            seconds = (time.perf_counter() - t_last) / (it + 1 - it_last)
-            t_last, it_last = time.perf_counter(), it + 1
-            record = {"iter": it, "loss": loss, "lr": lr, "tokens_per_s": tokens_per_iter / seconds,
-                      "ms": 1000 * seconds, "mfu": flops_per_iter / seconds / (peak * world_size),
-                      "mem": memory_mb(device)}
-            if master:
-                print(f"iter {it}: loss {loss:.4f}, lr {lr:.2e}, {record['ms']:.1f} ms/iter, "
-                      f"{record['tokens_per_s']:,.0f} tokens/s, MFU {100 * record['mfu']:.2f}%, "
-                      f"mem {record['mem']:,.0f} MB", flush=True)
-                log_record(log_path, record, wandb_run)
-        it += 1
+            lr = lr_at(it, c.learning_rate, c.min_lr, c.warmup_iters, decay_iters)
+            loss = train_step(trained, optimizer, scaler, get_batch, it, lr, c.gradient_accumulation_steps, rank,
+                              world_size, device, dtype, c.grad_clip, c.seed)
+            if it % c.log_interval == 0:
+                loss = mean_over_ranks(loss, world_size)  # waits for the step to finish: the timing is honest
+                seconds = (time.perf_counter() - t_last) / (it + 1 - it_last)
+                t_last, it_last = time.perf_counter(), it + 1
+                record = {"iter": it, "loss": loss, "lr": lr, "tokens_per_s": tokens_per_iter / seconds,
+                          "ms": 1000 * seconds, "mfu": flops_per_iter / seconds / (peak * world_size),
+                          "mem": memory_mb(device)}
+                if master:
+                    print(f"iter {it}: loss {loss:.4f}, lr {lr:.2e}, {record['ms']:.1f} ms/iter, "
+                          f"{record['tokens_per_s']:,.0f} tokens/s, MFU {100 * record['mfu']:.2f}%, "
+                          f"mem {record['mem']:,.0f} MB", flush=True)
+                    log_record(log_path, record, wandb_run)
+            it += 1
+            stop = agreed_stop(caught, world_size, device)
+            if stop and it < c.max_iters:
+                if master:
+                    checkpoint(it, evaluated=False)
+                    print(stop_message(it, ckpt_path, "train.py", c.out_dir, world_size), flush=True)
+                if world_size > 1:
+                    dist.barrier()  # no process may exit while the checkpoint is being written
+                teardown_ddp()
+                raise SystemExit(128 + stop)
+    if master:
+        print(f"done: {c.max_iters} iterations; checkpoint in {ckpt_path}, log in {log_path}")
     if wandb_run is not None:
         wandb_run.finish()
     teardown_ddp()
 
 
 if __name__ == "__main__":
-    main()
+    run(main)

@@ -74,9 +74,9 @@ def test_long_prompt_is_cropped_with_a_notice(hf_dir):
 
 @pytest.mark.parametrize("args, message", [
     (["--init_from=gpt3"], "gpt2, gpt2-medium, gpt2-large, gpt2-xl"),
-    (["--max_new_tokens=0"], "--max_new_tokens must be positive"),
-    (["--top_p=1.5"], "--top_p must be in (0, 1]"),
-    (["--top_p=0"], "--top_p must be in (0, 1]"),
+    (["--max_new_tokens=0"], "--max_new_tokens=0 is out of range: it must be >= 1"),
+    (["--top_p=1.5"], "--top_p=1.5 is out of range: it must be (0, 1]"),
+    (["--top_p=0"], "--top_p=0.0 is out of range: it must be (0, 1]"),
     (["--temprature=0.5"], "did you mean --temperature"),
     (["--num_samples=two"], "--num_samples in the command line expects int"),
     (["--start=FILE:/nonexistent/prompt.txt"], "cannot read the prompt file"),
