@@ -11,9 +11,10 @@ import hashlib
 import json
 import math
 import os
+import reprlib
 import struct
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import requests
@@ -412,6 +413,47 @@ SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.f
                       "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
                       "U8": torch.uint8, "BOOL": torch.bool}
 MAX_HEADER = 100_000_000  # the reference implementation's limit; larger means a corrupt file
+_reprs = reprlib.Repr()  # for error messages: a corrupt header can hold a 100 MB name or list
+_reprs.maxstring = _reprs.maxother = 100
+_short = _reprs.repr
+
+
+def read_json(raw, bad):
+    """Parse bytes as a JSON object, or raise bad(why): strictly UTF-8, no key given twice (json.loads
+    would keep the last one silently), and no nesting so deep that the parser runs out of stack."""
+    def no_duplicates(pairs):
+        obj = {}
+        for key, value in pairs:
+            if key in obj:
+                raise ValueError(f"key {_short(key)} given twice")
+            obj[key] = value
+        return obj
+
+    try:
+        value = json.loads(raw.decode("utf-8"), object_pairs_hook=no_duplicates)
+    except ValueError as e:  # UnicodeDecodeError and JSONDecodeError are ValueErrors
+        raise bad(f"not JSON ({e})") from None
+    except RecursionError:
+        raise bad("JSON nested too deeply") from None
+    if not isinstance(value, dict):
+        raise bad("not a JSON object")
+    return value
+
+
+def _is_size(x):
+    """A JSON integer >= 0. bool is an int in Python, but true is no size."""
+    return type(x) is int and x >= 0
+
+
+def _numel(shape):
+    """Elements in a tensor of this shape, or None when torch cannot hold it: its sizes and strides
+    are int64, and the strides multiply the dimensions with zeros counted as ones."""
+    n = 1
+    for d in shape:
+        n *= max(d, 1)
+        if n >= 2**63:  # stop here: a long list of huge dimensions would multiply out to a giant int
+            return None
+    return 0 if 0 in shape else n
 
 
 def read_safetensors_header(path):
@@ -430,38 +472,40 @@ def read_safetensors_header(path):
             raise bad(f"header length {n} is over the {MAX_HEADER} byte limit")
         if 8 + n > size:
             raise bad(f"header length {n} runs past the end of the {size}-byte file")
-        try:
-            header = json.loads(f.read(n))
-        except (UnicodeDecodeError, json.JSONDecodeError) as e:
-            raise bad(f"header is not JSON ({e})") from None
-    if not isinstance(header, dict):
-        raise bad("header is not a JSON object")
-    header.pop("__metadata__", None)
-    entries = []
-    for name, info in header.items():
-        if not isinstance(info, dict) or info.get("dtype") not in SAFETENSORS_DTYPES:
-            raise bad(f"tensor {name!r} has unknown dtype {info.get('dtype') if isinstance(info, dict) else info!r}")
-        shape, offsets = info.get("shape"), info.get("data_offsets")
-        if not (isinstance(shape, list) and all(isinstance(d, int) and d >= 0 for d in shape)):
-            raise bad(f"tensor {name!r} has shape {shape!r}")
-        if not (isinstance(offsets, list) and len(offsets) == 2 and all(isinstance(o, int) for o in offsets)
-                and 0 <= offsets[0] <= offsets[1]):
-            raise bad(f"tensor {name!r} has data_offsets {offsets!r}")
-        dtype = SAFETENSORS_DTYPES[info["dtype"]]
-        nbytes = math.prod(shape) * dtype.itemsize
-        if offsets[1] - offsets[0] != nbytes:
-            raise bad(f"tensor {name!r} of shape {shape} {info['dtype']} needs {nbytes} bytes, "
-                      f"its offsets {offsets} hold {offsets[1] - offsets[0]}")
-        entries.append((offsets[0], offsets[1], name, dtype, shape))
+        header = read_json(f.read(n), lambda why: bad(f"header is {why}"))
+    metadata = header.pop("__metadata__", {})
+    if not (isinstance(metadata, dict) and all(isinstance(v, str) for v in metadata.values())):
+        raise bad(f"__metadata__ {_short(metadata)} is not an object of strings")
+    entries = [_header_entry(name, info, bad) for name, info in header.items()]
     entries.sort()
     end = 0
     for begin, stop, name, _, _ in entries:  # the tensors must tile the data: no gap, no overlap
         if begin != end:
-            raise bad(f"tensor {name!r} starts at {begin}, expected {end} (overlap or gap)")
+            raise bad(f"tensor {_short(name)} starts at {begin}, expected {end} (overlap or gap)")
         end = stop
     if 8 + n + end != size:
         raise bad(f"8 + header {n} + data {end} bytes != file size {size} (truncated or trailing bytes)")
     return entries, 8 + n
+
+
+def _header_entry(name, info, bad):
+    """(begin, end, name, dtype, shape) for one tensor's header entry, once every field is checked."""
+    if not isinstance(info, dict):
+        raise bad(f"tensor {_short(name)} is {_short(info)}, not an object")
+    dtype, shape, offsets = info.get("dtype"), info.get("shape"), info.get("data_offsets")
+    if not isinstance(dtype, str) or dtype not in SAFETENSORS_DTYPES:
+        raise bad(f"tensor {_short(name)} has unknown dtype {_short(dtype)}")
+    numel = _numel(shape) if isinstance(shape, list) and all(_is_size(d) for d in shape) else None
+    if numel is None:
+        raise bad(f"tensor {_short(name)} has shape {_short(shape)}")
+    if not (isinstance(offsets, list) and len(offsets) == 2 and all(_is_size(o) for o in offsets)
+            and offsets[0] <= offsets[1]):
+        raise bad(f"tensor {_short(name)} has data_offsets {_short(offsets)}")
+    nbytes = numel * SAFETENSORS_DTYPES[dtype].itemsize
+    if offsets[1] - offsets[0] != nbytes:
+        raise bad(f"tensor {_short(name)} of shape {_short(shape)} {dtype} needs {nbytes} bytes, "
+                  f"its offsets {offsets} hold {offsets[1] - offsets[0]}")
+    return offsets[0], offsets[1], name, SAFETENSORS_DTYPES[dtype], shape
 
 
 def iter_safetensors(path):
@@ -472,7 +516,7 @@ def iter_safetensors(path):
             raw = torch.empty(end - begin, dtype=torch.uint8)  # fresh, aligned memory
             f.seek(data_start + begin)
             if f.readinto(raw.numpy()) != end - begin:
-                raise ValueError(f"{path}: file ended inside tensor {name!r}")
+                raise ValueError(f"{path}: file ended inside tensor {_short(name)}")
             yield name, raw.view(dtype).reshape(shape)
 
 
@@ -510,12 +554,16 @@ def write_safetensors(path, tensors, metadata=None):
 PRETRAINED = {"gpt2": "124M", "gpt2-medium": "350M", "gpt2-large": "774M", "gpt2-xl": "1558M"}
 # OpenAI wrote these four as Conv1D layers, whose weight is (in, out): the transpose of nn.Linear's
 CONV1D = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
+HF_SIZES = ("n_positions", "vocab_size", "n_layer", "n_head", "n_embd")
 
 
 def _hf_config_to_ours(hf, source):
-    missing = [k for k in ("n_positions", "vocab_size", "n_layer", "n_head", "n_embd") if k not in hf]
+    missing = [k for k in HF_SIZES if k not in hf]
     if missing:
         raise ValueError(f"{source}: not a GPT-2 config.json, it lacks {', '.join(missing)}")
+    for key in HF_SIZES:
+        if not (_is_size(hf[key]) and hf[key] > 0):
+            raise ValueError(f"{source}: {key}={_short(hf[key])} is not a positive integer")
     unsupported = {
         "activation_function": (hf.get("activation_function", "gelu_new"), ("gelu_new", "gelu_pytorch_tanh")),
         "n_inner": (hf.get("n_inner"), (None, 4 * hf["n_embd"])),
@@ -527,9 +575,60 @@ def _hf_config_to_ours(hf, source):
     }
     for key, (value, allowed) in unsupported.items():
         if value not in allowed:
-            raise ValueError(f"{source}: {key}={value!r} is not GPT-2 as this file implements it")
-    return GPTConfig(block_size=hf["n_positions"], vocab_size=hf["vocab_size"], n_layer=hf["n_layer"],
-                     n_head=hf["n_head"], n_embd=hf["n_embd"], dropout=0.0, bias=True)
+            raise ValueError(f"{source}: {key}={_short(value)} is not GPT-2 as this file implements it")
+    try:
+        return GPTConfig(block_size=hf["n_positions"], vocab_size=hf["vocab_size"], n_layer=hf["n_layer"],
+                         n_head=hf["n_head"], n_embd=hf["n_embd"], dropout=0.0, bias=True)
+    except ValueError as e:  # n_embd not a multiple of n_head
+        raise ValueError(f"{source}: {e}") from None
+
+
+def _our_key(name):
+    """Our state_dict key for a tensor of a Hugging Face GPT-2 file; None for those not loaded: the
+    old causal-mask buffers, and the head, tied to wte."""
+    if name.endswith((".attn.bias", ".attn.masked_bias")) or name == "lm_head.weight":
+        return None
+    return name if name.startswith("transformer.") else "transformer." + name
+
+
+def _expected_shapes(cls, config, entries, path):
+    """{key: shape as the file stores it} for every tensor the config implies, worked out without
+    allocating the model. Raises ValueError if the file is too small to hold them."""
+    c = config
+    # every tensor must be in the file, each element in a byte at least, so the largest (wte, wpe or
+    # an MLP matrix) fits in it: checked first, as sizes past int64 fail even on the meta device
+    if max(c.vocab_size, c.block_size, 4 * c.n_embd) * c.n_embd > os.path.getsize(path):
+        raise ValueError(f"{path}: too small for the model in config.json (n_embd={c.n_embd}, "
+                         f"vocab_size={c.vocab_size}, n_positions={c.block_size})")
+    with torch.device("meta"):  # shapes without memory; the layers are alike, so one describes all
+        one = {k: list(t.shape) for k, t in cls(replace(c, n_layer=1)).state_dict().items()}
+    layer = {k.removeprefix("transformer.h.0."): s for k, s in one.items() if k.startswith("transformer.h.0.")}
+    if c.n_layer * len(layer) > len(entries):
+        raise ValueError(f"{path}: {len(entries)} tensors are too few for config.json's n_layer={c.n_layer}")
+    shapes = {k: shape for k, shape in one.items() if k != "lm_head.weight" and not k.startswith("transformer.h.")}
+    shapes.update((f"transformer.h.{i}.{k}", shape) for i in range(c.n_layer) for k, shape in layer.items())
+    return {k: shape[::-1] if k.endswith(CONV1D) else shape for k, shape in shapes.items()}
+
+
+def _check_weights(cls, config, path):
+    """The file must hold exactly the tensors the config implies, each once and of its shape: all
+    checked on the header, before the model is allocated (a corrupt config could ask for terabytes)."""
+    entries, _ = read_safetensors_header(path)
+    expected, seen = _expected_shapes(cls, config, entries, path), set()
+    for _, _, name, _, shape in entries:
+        key = _our_key(name)
+        if key is None:
+            continue
+        if key not in expected:
+            raise ValueError(f"{path}: unexpected tensor {_short(name)}")
+        if key in seen:
+            raise ValueError(f"{path}: tensor {_short(name)} given twice (with and without 'transformer.')")
+        if shape != expected[key]:
+            raise ValueError(f"{path}: {_short(name)} has shape {_short(shape)}, config.json implies {expected[key]}")
+        seen.add(key)
+    missing = sorted(set(expected) - seen)
+    if missing:
+        raise ValueError(f"{path}: missing tensors {', '.join(missing[:5])}{' ...' if len(missing) > 5 else ''}")
 
 
 def _resolve_pretrained(name_or_dir):
@@ -551,29 +650,15 @@ def _resolve_pretrained(name_or_dir):
 def from_pretrained(cls, name_or_dir):
     """GPT-2 weights from the hub (gpt2, gpt2-medium, gpt2-large, gpt2-xl) or a local directory."""
     config_path, weights_path = _resolve_pretrained(str(name_or_dir))
-    with open(config_path) as f:
-        config = _hf_config_to_ours(json.load(f), config_path)
+    hf = read_json(Path(config_path).read_bytes(), lambda why: ValueError(f"{config_path}: {why}"))
+    config = _hf_config_to_ours(hf, config_path)
+    _check_weights(cls, config, weights_path)
     model = cls(config)
     ours = model.state_dict()
-    ours.pop("lm_head.weight")  # tied to transformer.wte.weight
-    seen = set()
     with torch.no_grad():
         for name, tensor in iter_safetensors(weights_path):
-            if name.endswith((".attn.bias", ".attn.masked_bias")) or name == "lm_head.weight":
-                continue  # old causal-mask buffers, and the tied head: nothing to load
-            key = name if name.startswith("transformer.") else "transformer." + name
-            if key not in ours:
-                raise ValueError(f"{weights_path}: unexpected tensor {name!r}")
-            if key.endswith(CONV1D):
-                tensor = tensor.t()
-            if tensor.shape != ours[key].shape:
-                raise ValueError(f"{weights_path}: {name!r} has shape {list(tensor.shape)}, "
-                                 f"config.json implies {list(ours[key].shape)}")
-            ours[key].copy_(tensor)
-            seen.add(key)
-    missing = sorted(set(ours) - seen)
-    if missing:
-        raise ValueError(f"{weights_path}: missing tensors {', '.join(missing[:5])}{' ...' if len(missing) > 5 else ''}")
+            if (key := _our_key(name)) is not None:
+                ours[key].copy_(tensor.t() if key.endswith(CONV1D) else tensor)
     return model
 
 

@@ -419,6 +419,48 @@ def test_unsupported_config_raises(tmp_path, key, value):
         GPT.from_pretrained(tmp_path)
 
 
+def rewrite_config(directory, text):
+    (directory / "config.json").write_text(text)
+    return directory / "config.json"
+
+
+@pytest.mark.parametrize("text, message", [
+    ('{"n_embd": ', "not JSON"),
+    ("[1, 2]", "not a JSON object"),
+    ('{"a":' * 100_000 + "1" + "}" * 100_000, "nested too deeply"),
+    ('{"n_layer": 2, "n_layer": 3}', "key 'n_layer' given twice"),
+])
+def test_malformed_config_raises(tmp_path, text, message):
+    tiny_gpt().save_pretrained(tmp_path)
+    path = rewrite_config(tmp_path, text)
+    with pytest.raises(ValueError, match=message) as e:
+        GPT.from_pretrained(tmp_path)
+    assert str(path) in str(e.value)
+
+
+@pytest.mark.parametrize("key, value, message", [
+    ("n_layer", "2", "is not a positive integer"), ("n_layer", -1, "is not a positive integer"),
+    ("n_head", True, "is not a positive integer"), ("n_embd", 32.0, "is not a positive integer"),
+    ("n_head", 3, "multiple of n_head"),
+    ("n_embd", 10 ** 6, "too small for the model"),  # never allocated: 10**12 weights per layer
+    ("n_layer", 10 ** 6, "too few for config.json's n_layer"),  # never built: a million layers
+])
+def test_config_sizes_checked_before_the_model_is_built(tmp_path, key, value, message):
+    tiny_gpt().save_pretrained(tmp_path)
+    config = json.loads((tmp_path / "config.json").read_text())
+    rewrite_config(tmp_path, json.dumps({**config, key: value}))
+    with pytest.raises(ValueError, match=message) as e:
+        GPT.from_pretrained(tmp_path)
+    assert str(tmp_path) in str(e.value)
+
+
+def test_tensor_under_both_names_raises(tmp_path):
+    tiny_gpt().save_pretrained(tmp_path)
+    rewrite_weights(tmp_path, lambda t: t.update({"wte.weight": t["transformer.wte.weight"].clone()}))
+    with pytest.raises(ValueError, match="'wte.weight' given twice"):
+        GPT.from_pretrained(tmp_path)
+
+
 # ----------------------------------------------------------------------------- tokenizer
 
 def test_tokenizer_names_and_fetch_failures(monkeypatch):

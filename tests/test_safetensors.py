@@ -48,7 +48,23 @@ MALFORMED = {
                                          bytes(2)), "unknown dtype"),
     "shape/offset mismatch": (lambda p: raw_file(p, {"a": f32(0, 8, [3])}, bytes(8)), "needs 12 bytes"),
     "bad shape": (lambda p: raw_file(p, {"a": f32(0, 8, [-2])}, bytes(8)), "shape"),
-    "entry not an object": (lambda p: raw_file(p, {"a": "F32"}, b""), "unknown dtype"),
+    "entry not an object": (lambda p: raw_file(p, {"a": "F32"}, b""), "not an object"),
+    # what fuzzing (test_fuzz.py) turned up: other exceptions, an unnamed ValueError, silent loads
+    "dtype a list": (lambda p: raw_file(p, {"a": {**f32(0, 0), "dtype": ["F32"]}}), "unknown dtype"),
+    "dtype an object": (lambda p: raw_file(p, {"a": {**f32(0, 0), "dtype": {}}}), "unknown dtype"),
+    "dimension 2**63 next to a zero": (lambda p: raw_file(p, {"a": f32(0, 0, [2 ** 63, 0])}), "shape"),
+    "dimensions past int64 together": (lambda p: raw_file(p, {"a": f32(0, 0, [2 ** 62, 4, 0])}), "shape"),
+    "bool dimension": (lambda p: raw_file(p, {"a": f32(0, 0, [True, 0])}), "shape"),
+    "float dimension": (lambda p: raw_file(p, {"a": f32(0, 8, [2.0])}, bytes(8)), "shape"),
+    "bool offsets": (lambda p: raw_file(p, {"a": {"dtype": "U8", "shape": [1], "data_offsets": [False, True]}},
+                                        bytes(1)), "data_offsets"),
+    "nested 50,000 deep": (lambda p: raw_file(p, b"[" * 50_000 + b"]" * 50_000), "nested too deeply"),
+    "nested 100,000 deep": (lambda p: raw_file(p, b'{"a":' * 100_000 + b"1" + b"}" * 100_000), "nested too deeply"),
+    "a 5000-digit number": (lambda p: raw_file(p, b'{"a": ' + b"1" * 5000 + b"}"), "not JSON"),
+    "duplicate tensor name": (lambda p: raw_file(p, b'{"a": %s, "a": %s}' % ((json.dumps(f32(0, 4)).encode(),) * 2),
+                                                 bytes(4)), "key 'a' given twice"),
+    "metadata not strings": (lambda p: raw_file(p, {"__metadata__": {"step": 3}}), "__metadata__"),
+    "header in UTF-16": (lambda p: raw_file(p, json.dumps({}).encode("utf-16")), "not JSON"),
 }
 
 
@@ -65,6 +81,14 @@ def test_valid_file_reads(tmp_path):
     tensors = read_safetensors(valid_file(tmp_path / "ok.safetensors"))
     assert torch.equal(tensors["a"], torch.arange(6, dtype=torch.float32).reshape(2, 3))
     assert torch.equal(tensors["b"], torch.ones(4))
+
+
+def test_edge_shapes_read(tmp_path):
+    """Empty tensors may have any dimension torch can hold (below 2**63), and a scalar has no shape."""
+    scalar = {"dtype": "F32", "shape": [], "data_offsets": [0, 4]}
+    path = raw_file(tmp_path / "x.safetensors", {"e": f32(0, 0, [2 ** 63 - 1, 0]), "s": scalar}, bytes(4))
+    tensors = read_safetensors(path)
+    assert tensors["e"].shape == (2 ** 63 - 1, 0) and tensors["s"].shape == ()
 
 
 def example_tensors():
