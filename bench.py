@@ -255,8 +255,8 @@ DEFAULTS = {
 # -----------------------------------------------------------------------------
 
 
-def main():
-    cfg = configure(DEFAULTS, doc=__doc__, source=__file__)
+def main(argv=None):
+    cfg = configure(DEFAULTS, argv, doc=__doc__, source=__file__)
     names = [n for n in cfg["only"].split(",") if n] or list(BENCHES)
     for n in names:
         if n not in BENCHES:

@@ -841,12 +841,8 @@ ADAPTER_FIELDS = {"base_model": str, "rank": int, "alpha": (int, float), "dropou
 def read_adapter_config(directory):
     """adapter.json, checked: every field save_adapter writes, of the right type."""
     path = Path(directory) / "adapter.json"
-    try:
-        config = json.loads(path.read_text())
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise ValueError(f"{path} is not JSON: {e}") from None
-    wrong = [k for k, kind in ADAPTER_FIELDS.items()
-             if not isinstance(config, dict) or not isinstance(config.get(k), kind)]
+    config = read_json(path.read_bytes(), lambda why: ValueError(f"{path}: {why}"))
+    wrong = [k for k, kind in ADAPTER_FIELDS.items() if not isinstance(config.get(k), kind)]
     if wrong:
         raise ValueError(f"{path} lacks or mistypes {', '.join(wrong)}: is it save_adapter's?")
     return config

@@ -5,6 +5,7 @@ the uninterrupted run exactly, and sample.py --adapter against transformers on t
 import json
 import os
 import random
+import signal
 import subprocess
 import sys
 from types import SimpleNamespace
@@ -257,6 +258,43 @@ def test_run_crash_resume_and_sample(mode, hub, tmp_path, monkeypatch, capsys):
                       pad_token_id=0)[0, ids.size(1):].tolist()
     out = out[:out.index(ENC.eot_token)] if ENC.eot_token in out else out
     assert r.stdout == ENC.decode(out) + "\n"
+
+
+def test_ctrl_c_stops_after_the_step_with_a_checkpoint_and_resume_is_exact(hub, tmp_path, monkeypatch, capsys):
+    straight, stopped = tmp_path / "straight", tmp_path / "stopped"
+    finetune(straight, *MODES["lora"])
+    real_step = train.train_step
+
+    def ctrl_c_in_step_4(*args, **kwargs):
+        if args[4] == 4:
+            os.kill(os.getpid(), signal.SIGINT)  # mid-step, as a user's Ctrl-C lands
+        return real_step(*args, **kwargs)
+
+    monkeypatch.setattr(train, "train_step", ctrl_c_in_step_4)
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as e:
+        finetune(stopped, *MODES["lora"])
+    assert e.value.code == 130
+    ckpt = train.load_checkpoint(stopped / "ckpt.pt")
+    assert ckpt["iter"] == 5 and not ckpt["evaluated"] and ckpt["script"] == "finetune_alpaca.py"
+    assert (f"stopped at iteration 5; checkpoint in {stopped / 'ckpt.pt'}; resume with: python finetune_alpaca.py "
+            f"--init_from=resume --out_dir={stopped}") in capsys.readouterr().out.splitlines()
+    monkeypatch.setattr(train, "train_step", real_step)
+    fa.main([f"--out_dir={stopped}", "--init_from=resume"])
+    assert log_without_timing(stopped / "log.jsonl") == log_without_timing(straight / "log.jsonl")
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # the run gave Ctrl-C back
+
+
+def test_small_files_and_small_models_get_defaults_that_fit(hub, tmp_path, capsys):
+    records = make_records(20, seed=5)
+    (tmp_path / "small.json").write_text(json.dumps(records))
+    fa.main([f"--out_dir={tmp_path / 'out'}", "--init_from=gpt2", f"--data_path={tmp_path / 'small.json'}",
+             "--max_iters=1", "--batch_size=2", "--eval_iters=1", "--eval_prompts=0", "--device=cpu",
+             "--dtype=float32"])
+    out = capsys.readouterr().out
+    assert "--val_size=0: holding out 2 of the 21 records" in out  # a tenth, not 500
+    assert fa.sequence_length(0, 256) == 256 and fa.sequence_length(0, 1024) == 512
+    assert fa.sequence_length(100, 256) == 100
 
 
 def test_sample_refuses_a_bad_adapter_or_a_lone_input(hub, tmp_path):

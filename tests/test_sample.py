@@ -1,5 +1,6 @@
 """sample.py end to end on a local Hugging Face-format directory, offline, against transformers."""
 import os
+import signal
 import subprocess
 import sys
 
@@ -95,3 +96,35 @@ def test_directory_without_weights_is_refused(tmp_path):
     r = run(f"--init_from={tmp_path}")
     assert r.returncode == 2 and "has no model.safetensors" in r.stderr
     assert "Traceback" not in r.stderr
+
+
+def test_an_adapter_brings_its_base_model(hf_dir, tmp_path):
+    from gpt import GPT, apply_lora, save_adapter
+    path, _ = hf_dir
+    model = GPT.from_pretrained(str(path))
+    apply_lora(model, 2, 4.0)
+    save_adapter(model, tmp_path, base_model=str(path))
+    r = run(f"--adapter={tmp_path}", "--start=Hi", "--max_new_tokens=3", "--temperature=0")  # offline: not gpt2
+    assert r.returncode == 0 and r.stdout.startswith("Hi"), r.stderr
+
+
+def test_ctrl_c_ends_interactive_quietly_and_a_run_with_one_line(hf_dir):
+    path, _ = hf_dir
+    env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
+    for args in (["--interactive"], ["--max_new_tokens=100000", "--start=Hi"]):
+        proc = subprocess.Popen([sys.executable, str(ROOT / "sample.py"), f"--init_from={path}", "--temperature=0",
+                                 "--max_new_tokens=4", *args], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, text=True, env=env, cwd=ROOT)
+        if "--interactive" in args:
+            proc.stdin.write("Hello\n")
+            proc.stdin.flush()
+            proc.stdout.readline()  # the first answer: the loop is waiting for the next line
+        else:
+            proc.stdout.read(2)  # generating
+        proc.send_signal(signal.SIGINT)
+        out, err = proc.communicate(timeout=60)
+        assert "Traceback" not in err and "KeyboardInterrupt" not in err, err
+        if "--interactive" in args:
+            assert proc.returncode == 0 and err == ""
+        else:
+            assert proc.returncode == 130 and err.strip() == "interrupted"

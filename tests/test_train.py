@@ -295,3 +295,87 @@ def test_wandb_gets_the_numbers_when_asked(data_dir, tmp_path, monkeypatch, caps
     logged = [c for c in calls if c[0] == "log"]
     assert [step for _, step, _ in logged] == [0, 0, 1, 2]  # eval 0, iter 0, iter 1, eval 2
     assert "val_loss" in logged[0][2] and "loss" in logged[1][2] and "sample" not in logged[0][2]
+
+
+def start(args, data_dir, out_dir, nproc=1):
+    """train.py running in the background, its stdout a pipe read line by line."""
+    return subprocess.Popen(command(args, data_dir, out_dir, nproc=nproc), stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"})
+
+
+def wait_for(proc, prefix):
+    """Read proc's stdout up to the first line starting with prefix; return what was read."""
+    lines = []
+    for line in proc.stdout:
+        lines.append(line)
+        if line.startswith(prefix):
+            return lines
+    raise AssertionError(f"no {prefix!r} in the output:\n{''.join(lines)}{proc.stderr.read()[-2000:]}")
+
+
+# stopped runs go on far past the reference runs, so that a signal always lands mid-run
+LONG = ["--max_iters=100000", "--lr_decay_iters=60", "--eval_interval=30", "--dropout=0.1"]
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+def test_a_signal_stops_after_the_step_with_a_checkpoint_and_resume_is_exact(trained, data_dir, tmp_path, sig):
+    out = tmp_path / "stopped"
+    proc = start(LONG, data_dir, out)
+    wait_for(proc, "iter 12:")
+    proc.send_signal(sig)
+    rest, err = proc.communicate(timeout=120)
+    assert proc.returncode == 128 + sig and "Traceback" not in err
+    ckpt = torch.load(out / "ckpt.pt", weights_only=True)
+    stopped = ckpt["iter"]
+    assert 13 <= stopped < 30 and not ckpt["evaluated"] and ckpt["script"] == "train.py"
+    assert (f"stopped at iteration {stopped}; checkpoint in {out / 'ckpt.pt'}; resume with: "
+            f"python train.py --init_from=resume --out_dir={out}") in rest.splitlines()
+    run(["--init_from=resume", "--max_iters=60"], data_dir, out, tiny=False)
+    whole, resumed = read_log(trained[0]), read_log(out)
+    assert [r["iter"] for r in resumed[0]] == list(range(60))
+    assert [(r["loss"], r["lr"]) for r in resumed[0]] == [(r["loss"], r["lr"]) for r in whole[0]]  # to the bit
+    assert [(r["val_loss"], r["sample"]) for r in resumed[1]] == [(r["val_loss"], r["sample"]) for r in whole[1]]
+
+
+def test_a_stop_just_before_an_evaluation_runs_it_on_resume(trained, data_dir, tmp_path, capsys):
+    out = tmp_path / "run"
+    shutil.copytree(trained[0], out)  # stands for a run stopped by a signal at iteration 60, before its evaluation
+    ckpt = torch.load(out / "ckpt.pt", weights_only=True)
+    train.save_checkpoint(out / "ckpt.pt", {**ckpt, "evaluated": False})
+    train.main(["--init_from=resume", f"--out_dir={out}", "--max_iters=61"])
+    _, evals = read_log(out)
+    assert [r["iter"] for r in evals] == [0, 30, 60, 60, 61]
+    assert evals[3]["val_loss"] == evals[2]["val_loss"]
+
+
+def test_a_second_signal_stops_at_once_leaving_the_last_checkpoint_whole(data_dir, tmp_path):
+    out = tmp_path / "twice"
+    proc = start([*LONG, "--eval_interval=10", "--eval_iters=2000"], data_dir, out)  # evaluations take seconds
+    wait_for(proc, "iter 9:")
+    proc.send_signal(signal.SIGINT)  # during the evaluation at 10
+    assert "stopping after this step" in proc.stderr.readline()
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130 and "stopped at once" in err and "Traceback" not in err
+    ckpt = torch.load(out / "ckpt.pt", weights_only=True)  # the one written at iteration 0, whole
+    assert ckpt["iter"] == 0 and ckpt["script"] == "train.py"
+
+
+def test_sigterm_under_torchrun_stops_every_process_at_one_iteration(data_dir, tmp_path):
+    args = ["--max_iters=100000", "--lr_decay_iters=12", "--eval_interval=6", "--dropout=0.1"]
+    out = tmp_path / "stopped"
+    proc = start(args, data_dir, out, nproc=2)
+    wait_for(proc, "iter 4:")
+    proc.send_signal(signal.SIGTERM)  # to torchrun, as a cluster does; it passes the signal on to its processes
+    rest, err = proc.communicate(timeout=120)
+    ckpt = torch.load(out / "ckpt.pt", weights_only=True)
+    stopped = ckpt["iter"]
+    assert 5 <= stopped < 12 and not ckpt["evaluated"]
+    assert (f"stopped at iteration {stopped}; checkpoint in {out / 'ckpt.pt'}; resume with: torchrun --standalone "
+            f"--nproc_per_node=2 train.py --init_from=resume --out_dir={out}") in rest.splitlines()
+    run(["--init_from=resume", "--max_iters=12"], data_dir, out, tiny=False, nproc=2)
+    run([*args, "--max_iters=12"], data_dir, tmp_path / "whole", nproc=2)
+    whole, resumed = read_log(tmp_path / "whole"), read_log(out)
+    assert [r["iter"] for r in resumed[0]] == list(range(12))
+    assert [r["loss"] for r in resumed[0]] == [r["loss"] for r in whole[0]]
+    assert [r["val_loss"] for r in resumed[1]] == [r["val_loss"] for r in whole[1]]

@@ -1,0 +1,260 @@
+"""Every user mistake is one line on stderr and exit status 2, naming the setting at fault: a table
+of bad inputs per script, run through each script's main() (and a sample of them as real
+processes), each asserting the exit status, a single line, no traceback and the words it must say."""
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+import bench
+import finetune_alpaca
+import prepare_data
+import sample
+import train
+from conftest import ROOT
+from prepare_data import write_tokens
+
+transformers = pytest.importorskip("transformers")
+VOCAB = 128
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory):
+    """A toy dataset, a tiny GPT-2 directory, an Alpaca file, and damaged versions of each kind of file."""
+    root = tmp_path_factory.mktemp("mistakes")
+    rng = np.random.default_rng(0)
+    for name, meta in (("toy", {"tokenizer": "gpt2", "vocab_size": VOCAB}),
+                       ("badvocab", {"tokenizer": "gpt2", "vocab_size": "abc"}),
+                       ("negvocab", {"tokenizer": "gpt2", "vocab_size": -3}),
+                       ("notoken", {"vocab_size": VOCAB}),
+                       ("notjson", None)):
+        (root / "data" / name).mkdir(parents=True)
+        for split in ("train", "val"):
+            write_tokens(root / "data" / name / f"{split}.bin", rng.integers(0, VOCAB, 3000), VOCAB)
+        (root / "data" / name / "meta.json").write_text("{oops" if meta is None else json.dumps(meta))
+    torch.manual_seed(0)
+    config = transformers.GPT2Config(n_layer=1, n_head=2, n_embd=32, n_positions=256, vocab_size=50257)
+    transformers.GPT2LMHeadModel(config).save_pretrained(root / "hf")
+    records = [{"instruction": f"Say {i}.", "input": "", "output": str(i)} for i in range(20)]
+    (root / "alpaca.json").write_text(json.dumps(records))
+    (root / "garbage").mkdir()
+    (root / "garbage" / "ckpt.pt").write_bytes(os.urandom(4096))
+    for script, other in (("train.py", "finetune_alpaca.py"), ("finetune_alpaca.py", "train.py")):
+        (root / f"by-{script}").mkdir()
+        torch.save({"iter": 5, "config": {"init_from": "gpt2"}, "script": script}, root / f"by-{script}" / "ckpt.pt")
+    (root / "syntax.py").write_text("batch_size = 4\nlearning_rate = (1e-3\n")
+    (root / "raises.py").write_text("batch_size = 4\nlearning_rate = 1 / 0\n")
+    (root / "notpython.txt").write_text("hello")
+    return root
+
+
+def toy(root):
+    return [f"--data_dir={root / 'data'}", "--dataset=toy", "--n_layer=1", "--n_head=2", "--n_embd=16",
+            "--block_size=16", "--batch_size=2", "--sample_prompt=A", "--device=cpu", "--dtype=float32",
+            f"--out_dir={root / 'out-train'}"]
+
+
+# (arguments, words the message must hold); {root} is the fixture's folder
+TRAIN = [
+    (["--grad_clip=-1"], "--grad_clip=-1.0 is out of range: it must be >= 0"),
+    (["--weight_decay=-1"], "--weight_decay=-1.0 is out of range"),
+    (["--max_iters=-5"], "--max_iters=-5 is out of range"),
+    (["--warmup_iters=-10"], "--warmup_iters=-10 is out of range"),
+    (["--lr_decay_iters=-1"], "--lr_decay_iters=-1 is out of range"),
+    (["--n_layer=0"], "--n_layer=0 is out of range: it must be >= 1"),
+    (["--n_head=0"], "--n_head=0 is out of range"),
+    (["--n_embd=0"], "--n_embd=0 is out of range"),
+    (["--n_embd=33"], "n_embd=33 must be a multiple of n_head=2"),
+    (["--learning_rate=-1"], "--learning_rate=-1.0 is out of range: it must be > 0"),
+    (["--learning_rate=0"], "--learning_rate=0.0 is out of range: it must be > 0"),
+    (["--learning_rate=1e999"], "--learning_rate=inf is not a finite number"),
+    (["--min_lr=-1e-5"], "--min_lr=-1e-05 is out of range"),
+    (["--beta1=1"], "--beta1=1.0 is out of range: it must be [0, 1)"),
+    (["--beta2=-0.1"], "--beta2=-0.1 is out of range"),
+    (["--dropout=1"], "--dropout=1.0 is out of range: it must be [0, 1)"),
+    (["--dropout=1.5"], "--dropout=1.5 is out of range"),
+    (["--lora_dropout=2"], "--lora_dropout=2.0 is out of range"),
+    (["--lora_alpha=-1"], "--lora_alpha=-1.0 is out of range: it must be > 0"),
+    (["--lora_rank=-1"], "--lora_rank=-1 is out of range"),
+    (["--quantize=nf4"], "--quantize=nf4 freezes the weights in 4 bits: it needs --lora_rank > 0"),
+    (["--quantize=int8"], "--quantize=int8 is not one of none, nf4"),
+    (["--sample_tokens=-1"], "--sample_tokens=-1 is out of range"),
+    (["--batch_size=0"], "--batch_size=0 is out of range"),
+    (["--block_size=0"], "--block_size=0 is out of range"),
+    (["--gradient_accumulation_steps=0"], "--gradient_accumulation_steps=0 is out of range"),
+    (["--eval_interval=0"], "--eval_interval=0 is out of range"),
+    (["--eval_iters=0"], "--eval_iters=0 is out of range"),
+    (["--log_interval=0"], "--log_interval=0 is out of range"),
+    (["--seed=-1"], "--seed=-1 is out of range: it must be [0, 2**63)"),
+    (["--seed=18446744073709551616"], "--seed=18446744073709551616 is out of range"),
+    (["--peak_flops=-1"], "--peak_flops=-1.0 is out of range"),
+    (["--pos_emb=alibi"], "pos_emb='alibi'"),
+    (["--mlp=relu"], "mlp='relu'"),
+    (["--device=cuda"], "--device=cuda is not available: this torch"),
+    (["--device=cuda:7"], "--device=cuda:7 is not available"),
+    (["--device=tpu"], "--device=tpu is not one of auto, cpu, cuda, cuda:N, mps; this torch"),
+    (["--dtype=float8"], "--dtype=float8 is not one of auto, float32, bfloat16, float16"),
+    (["--out_dir=/proc/nope"], "cannot write to --out_dir=/proc/nope"),
+    (["--learning_rat=1e-3"], "did you mean --learning_rate"),
+    (["--batch_size=two"], "--batch_size in the command line expects int"),
+    (["--batch_size"], "--batch_size needs a value"),
+    (["{root}/syntax.py"], "config file {root}/syntax.py, line 2"),
+    (["{root}/raises.py"], "config file {root}/raises.py, line 2: ZeroDivisionError"),
+    (["{root}/missing.py"], "cannot read config file {root}/missing.py"),
+    (["shakespeare"], "'shakespeare' is neither --key=value nor a config file"),
+    (["--dataset=mytext"], "prepare_data.py text --input=your.txt --out_dir={root}/data/mytext"),
+    (["--dataset=tinystories"], "`python prepare_data.py tinystories`"),
+    (["--dataset=badvocab"], "vocab_size must be a positive int, got 'abc'"),
+    (["--dataset=negvocab"], "vocab_size must be a positive int, got -3"),
+    (["--dataset=notoken"], "names no tokenizer"),
+    (["--dataset=notjson"], "cannot read {root}/data/notjson/meta.json"),
+    (["--block_size=5000"], "too few for --block_size=5000"),
+    (["--sample_prompt="], "the evaluation sample starts from <|endoftext|> (id 50256), beyond the model's vocabulary"),
+    (["--sample_prompt=hello world"], "--sample_prompt='hello world' has token ids beyond the model's vocabulary"),
+    (["--init_from=gpt3"], "--init_from=gpt3"),
+    (["--init_from=resume", "--out_dir={root}/nothing"], "no checkpoint at {root}/nothing/ckpt.pt"),
+    (["--init_from=resume", "--out_dir={root}/garbage"], "is damaged or not a checkpoint of train.py or finetune_alpaca.py"),
+    (["--init_from=resume", "--out_dir={root}/by-finetune_alpaca.py"],
+     "was written by finetune_alpaca.py: resume it with `python finetune_alpaca.py --init_from=resume"),
+]
+
+
+def alpaca(root):
+    return [f"--init_from={root / 'hf'}", f"--data_path={root / 'alpaca.json'}", "--batch_size=2", "--device=cpu",
+            "--dtype=float32", f"--out_dir={root / 'out-alpaca'}", "--max_iters=0"]
+
+
+FINETUNE = [
+    (["--learning_rate=-1"], "--learning_rate=-1.0 is out of range: it must be >= 0"),
+    (["--lora_alpha=-1"], "--lora_alpha=-1.0 is out of range"),
+    (["--lora_dropout=2"], "--lora_dropout=2.0 is out of range"),
+    (["--dropout=1.5"], "--dropout=1.5 is out of range"),
+    (["--grad_clip=-1"], "--grad_clip=-1.0 is out of range"),
+    (["--weight_decay=-1"], "--weight_decay=-1.0 is out of range"),
+    (["--max_iters=-1"], "--max_iters=-1 is out of range"),
+    (["--warmup_iters=-1"], "--warmup_iters=-1 is out of range"),
+    (["--val_size=-1"], "--val_size=-1 is out of range"),
+    (["--val_size=20"], "--val_size=20 must be below the 20 records"),
+    (["--subset=-1"], "--subset=-1 is out of range"),
+    (["--max_seq_len=-1"], "--max_seq_len=-1 is out of range"),
+    (["--max_seq_len=512"], "--max_seq_len=512 is longer than the model's context of 256 tokens"),
+    (["--batch_size=0"], "--batch_size=0 is out of range"),
+    (["--batch_size=64"], "too few for --batch_size=64"),
+    (["--eval_prompts=-1"], "--eval_prompts=-1 is out of range"),
+    (["--sample_tokens=0"], "--sample_tokens=0 is out of range"),
+    (["--beta2=1"], "--beta2=1.0 is out of range"),
+    (["--init_from=scratch"], "fine-tuning starts from trained weights"),
+    (["--lora_rank=0", "--quantize=nf4"], "it needs --lora_rank > 0"),
+    (["--data=nope", "--data_path="], "--data=nope is not one of alpaca-cleaned, alpaca"),
+    (["--data_path={root}/missing.json"], "cannot read {root}/missing.json as Alpaca JSON"),
+    (["--data_path={root}/notpython.txt"], "cannot read {root}/notpython.txt as Alpaca JSON"),
+    (["--device=tpu"], "--device=tpu is not one of"),
+    (["--out_dir=/proc/nope"], "cannot write to --out_dir=/proc/nope"),
+    (["--init_from=resume", "--out_dir={root}/by-train.py"],
+     "was written by train.py: resume it with `python train.py --init_from=resume"),
+    (["--init_from=resume", "--out_dir={root}/garbage"], "is damaged or not a checkpoint"),
+]
+
+SAMPLE = [
+    (["--temperature=-1"], "--temperature=-1.0 is out of range: it must be >= 0"),
+    (["--top_k=-5"], "--top_k=-5 is out of range"),
+    (["--num_samples=0"], "--num_samples=0 is out of range"),
+    (["--max_new_tokens=0"], "--max_new_tokens=0 is out of range"),
+    (["--top_p=0"], "--top_p=0.0 is out of range: it must be (0, 1]"),
+    (["--seed=-3"], "--seed=-3 is out of range"),
+    (["--device=cuda"], "--device=cuda is not available"),
+    (["--device=tpu"], "--device=tpu is not one of"),
+    (["--input=x"], "--input goes with an --instruction"),
+    (["--adapter={root}/hf"], "cannot load the adapter in {root}/hf"),
+    (["--init_from=resume", "--out_dir={root}/garbage"], "is damaged or not a checkpoint"),
+]
+
+PREPARE = [
+    (["text", "shakespeare"], "one dataset at a time: got text and shakespeare"),
+    (["nosuch"], "unknown dataset 'nosuch'"),
+    (["text", "--val_fraction=1"], "--val_fraction=1.0 is out of range: it must be (0, 1)"),
+    (["text", "--workers=-1"], "--workers=-1 is out of range"),
+    (["text"], "text needs --input=FILE"),
+    (["text", "--input={root}/alpaca.json", "--out_dir=/proc/nope"], "cannot write to --out_dir=/proc/nope"),
+]
+
+BENCH = [
+    (["--train_steps=0"], "--train_steps=0 is out of range"),
+    (["--only=nope"], "unknown section 'nope'"),
+]
+
+CASES = ([("train", train.main, toy, args, words) for args, words in TRAIN]
+         + [("finetune_alpaca", finetune_alpaca.main, alpaca, args, words) for args, words in FINETUNE]
+         + [("sample", sample.main, lambda root: [f"--init_from={root / 'hf'}", "--max_new_tokens=2"], args, words)
+            for args, words in SAMPLE]
+         + [("prepare_data", prepare_data.main, lambda root: [], args, words) for args, words in PREPARE]
+         + [("bench", bench.main, lambda root: [], args, words) for args, words in BENCH])
+
+
+def fill(items, root):
+    return [item.replace("{root}", str(root)) for item in items]
+
+
+@pytest.mark.parametrize("script, main, base, args, words", CASES,
+                         ids=[f"{c[0]} {' '.join(c[3])}" for c in CASES])
+def test_a_mistake_is_one_line_naming_it(files, monkeypatch, capsys, script, main, base, args, words):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # nothing here may reach for the network
+    monkeypatch.setenv("GPT2REF_CACHE", str(files / "cache"))
+    with pytest.raises(SystemExit) as e:
+        main(fill(base(files) + args, files))
+    err = capsys.readouterr().err
+    lines = [line for line in err.splitlines() if not line.startswith("warning:")]
+    assert e.value.code == 2, err
+    assert len(lines) == 1 and lines[0].startswith("error: ") and "Traceback" not in err, err
+    assert fill([words], files)[0] in lines[0]
+
+
+@pytest.mark.parametrize("script, args, words", [
+    ("train.py", ["--grad_clip=-1"], "--grad_clip=-1.0 is out of range"),
+    ("train.py", ["--device=cuda"], "--device=cuda is not available"),
+    ("finetune_alpaca.py", ["--learning_rate=-1"], "--learning_rate=-1.0 is out of range"),
+    ("sample.py", ["--temperature=-1"], "--temperature=-1.0 is out of range"),
+    ("prepare_data.py", ["text", "shakespeare"], "one dataset at a time"),
+    ("bench.py", ["--train_steps=0"], "--train_steps=0 is out of range"),
+])
+def test_as_a_process_a_mistake_is_exit_2_and_one_line(script, args, words):
+    r = subprocess.run([sys.executable, str(ROOT / script), *args], capture_output=True, text=True, cwd=ROOT,
+                       timeout=120, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    assert r.returncode == 2 and r.stderr.count("\n") == 1 and words in r.stderr and not r.stdout, r.stderr
+
+
+def test_help_prints_every_setting_with_its_default_and_note(capsys):
+    with pytest.raises(SystemExit) as e:
+        train.main(["--help"])
+    out = capsys.readouterr().out
+    assert e.value.code == 0
+    for key, value in train.DEFAULTS.items():
+        assert f"--{key}={value!r}" in out
+    assert "  AdamW and the learning-rate schedule" in out
+    assert [line.split()[1:] for line in out.splitlines() if line.strip().startswith("--grad_clip=")] == \
+        [[">=", "0;", "0:", "no", "clipping"]]
+
+
+def test_help_into_a_closed_pipe_is_quiet():
+    r = subprocess.run(f"{sys.executable} {ROOT / 'train.py'} --help | head -1", shell=True, capture_output=True,
+                       text=True, cwd=ROOT, timeout=120)
+    assert r.returncode == 0 and r.stdout.startswith("Train a GPT") and "Traceback" not in r.stderr, r.stderr
+
+
+def test_ranges_come_from_the_notes_beside_the_defaults(tmp_path):
+    import cli
+    script = tmp_path / "script.py"
+    script.write_text('# --------- defaults\n# a group\nrate = 0.5  # (0, 1]; a note\ncount = 3  # >= 2\n'
+                      'seed = 1  # [0, 2**3)\nfree = -1.0  # any number\n# ---------\nafter = 1  # > 5\n')
+    assert cli.read_notes(script) == {"rate": ("a group", "(0, 1]; a note"), "count": ("a group", ">= 2"),
+                                      "seed": ("a group", "[0, 2**3)"), "free": ("a group", "any number")}
+    defaults = {"rate": 0.5, "count": 3, "seed": 1, "free": -1.0, "after": 1}
+    assert cli.configure(defaults, ["--rate=1", "--count=2", "--seed=7", "--free=-9", "--after=0"],
+                         source=script)["after"] == 0
+    for bad in ("--rate=0", "--rate=1.01", "--count=1", "--seed=8", "--seed=-1", "--free=1e999"):
+        with pytest.raises(SystemExit):
+            cli.configure(defaults, [bad], source=script)
