@@ -241,8 +241,8 @@ def pick_dtype(dtype, device):
         if dtype not in ("float32", "bfloat16", "float16"):
             fail(f"--dtype={dtype} is not one of auto, float32, bfloat16, float16")
         if dtype == "float16" and device == "cpu":
-            print("warning: float16 is for GPUs; on a CPU it runs about 20x slower than float32 "
-                  "(use --dtype=bfloat16 or float32)", file=sys.stderr)
+            print("warning: float16 is for GPUs; a CPU has no fast float16 kernels and can run it many times "
+                  "slower than float32 (use --dtype=bfloat16 or float32)", file=sys.stderr)
         return dtype
     if device.startswith("cuda"):
         return "bfloat16" if torch.cuda.is_bf16_supported() else "float16"

@@ -258,3 +258,11 @@ def test_ranges_come_from_the_notes_beside_the_defaults(tmp_path):
     for bad in ("--rate=0", "--rate=1.01", "--count=1", "--seed=8", "--seed=-1", "--free=1e999"):
         with pytest.raises(SystemExit):
             cli.configure(defaults, [bad], source=script)
+
+
+def test_float16_on_a_cpu_warns_in_one_line(capsys):
+    import cli
+    assert cli.pick_dtype("float16", "cpu") == "float16"
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("warning: float16 is for GPUs")
+    assert cli.pick_dtype("float16", "cuda") == "float16" and capsys.readouterr().err == ""
