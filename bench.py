@@ -267,10 +267,8 @@ def main(argv=None):
         results[name] = [{"what": w, "value": round(v, 3), "unit": u} for w, v, u in rows]
         for what, value, unit in rows:
             print(f"{name:10s} {what:45s} {value:12.2f} {unit}", flush=True)
-    tmp = cfg["out"] + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(results, f, indent=2)
-    os.replace(tmp, cfg["out"])
+    with gpt.atomic_write(cfg["out"]) as f:
+        f.write(json.dumps(results, indent=2).encode())
 
 
 if __name__ == "__main__":

@@ -14,6 +14,7 @@ import os
 import reprlib
 import struct
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -310,6 +311,23 @@ def get_tokenizer(name="gpt2"):
 
 # ----------------------------------------------------------------------------- downloads
 
+@contextmanager
+def atomic_write(path):
+    """`with atomic_write(p) as f: f.write(...)` writes p + '.tmp', fsyncs it and renames it over p:
+    whenever the process stops, even by kill -9 or a power cut, p is the old file or the whole new
+    one. An error leaves nothing behind."""
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    try:
+        with open(tmp, "wb") as f:
+            yield f
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
 class DownloadError(RuntimeError):
     pass
 
@@ -538,15 +556,11 @@ def write_safetensors(path, tensors, metadata=None):
         offset += t.numel() * t.element_size()
     blob = json.dumps(header, separators=(",", ":")).encode()
     blob += b" " * (-len(blob) % 8)  # pad with spaces so the data starts 8-byte aligned
-    tmp = Path(f"{path}.tmp")
-    with open(tmp, "wb") as f:
+    with atomic_write(path) as f:
         f.write(struct.pack("<Q", len(blob)))
         f.write(blob)
         for t in tensors.values():
             f.write(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 # ----------------------------------------------------------------------------- GPT-2 weights
@@ -683,9 +697,8 @@ def save_pretrained(model, directory):
           "initializer_range": 0.02, "tie_word_embeddings": True, "use_cache": True}
     if c.vocab_size > 50256:  # GPT-2's <|endoftext|>
         hf["bos_token_id"] = hf["eos_token_id"] = 50256
-    tmp = directory / "config.json.tmp"
-    tmp.write_text(json.dumps(hf, indent=2) + "\n")
-    os.replace(tmp, directory / "config.json")
+    with atomic_write(directory / "config.json") as f:
+        f.write((json.dumps(hf, indent=2) + "\n").encode())
 
 
 # attached here, after the functions they use, so that the file reads in order
@@ -829,9 +842,8 @@ def save_adapter(model, directory, base_model):
     directory.mkdir(parents=True, exist_ok=True)
     tensors = {name: p for name, p in model.state_dict().items() if name.endswith(LORA_SUFFIXES)}
     write_safetensors(directory / "adapter.safetensors", tensors, metadata={"format": "pt"})
-    tmp = directory / "adapter.json.tmp"
-    tmp.write_text(json.dumps({"base_model": str(base_model), **adapter_config(model)}, indent=2) + "\n")
-    os.replace(tmp, directory / "adapter.json")
+    with atomic_write(directory / "adapter.json") as f:
+        f.write((json.dumps({"base_model": str(base_model), **adapter_config(model)}, indent=2) + "\n").encode())
 
 
 ADAPTER_FIELDS = {"base_model": str, "rank": int, "alpha": (int, float), "dropout": (int, float), "targets": list,

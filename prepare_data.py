@@ -67,10 +67,9 @@ def _header(dtype, count):
 @contextmanager
 def shard_writer(path, vocab_size):
     """Write a shard in pieces: `with shard_writer(p, n) as write: write(tokens); ...`.
-    The tokens go to p + '.tmp' behind a header whose count is filled in at the end; only a
-    complete file is renamed to p, and an error (or Ctrl-C) leaves nothing behind."""
+    The tokens go behind a header whose count is filled in at the end, through gpt.atomic_write:
+    only a complete file takes the name p, and an error (or Ctrl-C) leaves nothing behind."""
     path, dtype = Path(path), token_dtype(vocab_size)
-    tmp = path.with_name(path.name + ".tmp")
     count = 0
 
     def write(tokens):
@@ -84,17 +83,11 @@ def shard_writer(path, vocab_size):
             raise ValueError(f"{path}: more than {MAX_TOKENS} tokens do not fit the header's int32 count")
         f.write(tokens.astype(dtype.newbyteorder("<"), copy=False).tobytes())
 
-    try:
-        with open(tmp, "wb") as f:
-            f.write(_header(dtype, 0))
-            yield write
-            f.seek(0)
-            f.write(_header(dtype, count))
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    with gpt.atomic_write(path) as f:
+        f.write(_header(dtype, 0))
+        yield write
+        f.seek(0)
+        f.write(_header(dtype, count))
 
 
 def write_tokens(path, tokens, vocab_size):
@@ -492,9 +485,8 @@ def finished(record, split, sources, out_dir):
 
 
 def write_json(path, obj):
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=2) + "\n")
-    os.replace(tmp, path)
+    with gpt.atomic_write(path) as f:
+        f.write((json.dumps(obj, indent=2) + "\n").encode())
 
 
 def main(argv=None):

@@ -33,7 +33,7 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from cli import autocast, configure, fail, pick_device, pick_dtype, run, writable_dir
-from gpt import GPT, DownloadError, GPTConfig, apply_lora, get_tokenizer, quantize_model
+from gpt import GPT, DownloadError, GPTConfig, apply_lora, atomic_write, get_tokenizer, quantize_model
 from prepare_data import DATASETS, read_tokens
 
 # ----------------------------------------------------------------------------- defaults
@@ -290,12 +290,8 @@ def teardown_ddp():
 def save_checkpoint(path, state):
     """torch.save to a temporary file, fsync, rename: killed at any moment, even by SIGKILL, the
     previous checkpoint stays whole. state holds only tensors and plain Python values."""
-    tmp = f"{path}.tmp"
-    with open(tmp, "wb") as f:
+    with atomic_write(path) as f:
         torch.save(state, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 def load_checkpoint(path):
@@ -480,9 +476,8 @@ def plot_log(log_path, png_path):
                            (ax_mem, "mem", "peak memory (MB)")):
         ax.plot([r["iter"] for r in steps], [r[key] for r in steps])
         ax.set(title=title, xlabel="iteration")
-    tmp = f"{png_path}.tmp"
-    fig.savefig(tmp, format="png", dpi=90)
-    os.replace(tmp, png_path)
+    with atomic_write(png_path) as f:
+        fig.savefig(f, format="png", dpi=90)
 
 
 # ----------------------------------------------------------------------------- the run

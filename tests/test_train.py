@@ -252,6 +252,24 @@ def test_interrupted_save_leaves_the_previous_checkpoint_whole(tmp_path):
     with pytest.raises(Exception):
         train.save_checkpoint(path, {"iter": 2, "bad": lambda: 0})  # fails while writing
     assert torch.load(path, weights_only=True)["iter"] == 1
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt.pt"]  # no temporary file left behind
+
+
+def test_every_file_is_written_through_one_fsynced_atomic_write(tmp_path, monkeypatch):
+    import gpt
+    synced = []
+    real_fsync = os.fsync
+    monkeypatch.setattr(os, "fsync", lambda fd: synced.append(os.readlink(f"/proc/self/fd/{fd}")) or real_fsync(fd))
+    train.save_checkpoint(tmp_path / "ckpt.pt", {"iter": 1})
+    model = GPT(GPTConfig(n_layer=1, n_head=2, n_embd=8, block_size=8, vocab_size=16))
+    gpt.save_pretrained(model, tmp_path / "hf")
+    gpt.apply_lora(model, 2, 4.0)
+    gpt.save_adapter(model, tmp_path / "adapter", base_model="gpt2")
+    write_tokens(tmp_path / "x.bin", np.arange(10), 16)
+    written = {os.path.relpath(p.removesuffix(".tmp"), tmp_path) for p in synced}
+    assert {"ckpt.pt", "hf/config.json", "hf/model.safetensors", "adapter/adapter.json",
+            "adapter/adapter.safetensors", "x.bin"} <= written
+    assert all(p.endswith(".tmp") for p in synced) and not list(tmp_path.rglob("*.tmp"))
 
 
 def test_sample_py_resumes_from_the_checkpoint(trained, capsys):
