@@ -225,7 +225,7 @@ def prepare_model(c, ckpt, vocab_size):
     its checkpoint; a resumed LoRA run rebuilds the frozen base from init_from and loads the rest."""
     if ckpt is not None and not c.lora_rank:
         return train.model_from_checkpoint(ckpt)
-    model = train.build_model(SimpleNamespace(**vars(c), block_size=None), vocab_size, ckpt=None)  # not scratch
+    model = train.build_model(c, vocab_size, ckpt=None)
     if ckpt is not None:
         with torch.no_grad():
             for name, p in model.named_parameters():

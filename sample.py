@@ -21,7 +21,7 @@ from gpt import GPT, DownloadError, get_tokenizer, load_adapter, read_adapter_co
 from train import load_checkpoint, model_from_checkpoint
 
 # ----------------------------------------------------------------------------- defaults
-init_from = ""          # gpt2 | gpt2-medium | gpt2-large | gpt2-xl | a local HF directory | resume; "": gpt2, or the adapter's base
+init_from = ""          # gpt2 | gpt2-medium | ... | a local HF directory | resume; "": gpt2, or the adapter's base
 out_dir = "out"         # where --init_from=resume finds ckpt.pt
 start = ""              # the prompt, or FILE:path to read it from a file; empty starts from <|endoftext|>
 num_samples = 1         # >= 1
