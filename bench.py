@@ -22,8 +22,9 @@ import numpy as np
 import torch
 
 import gpt
-from cli import configure, fail, run
+from cli import autocast, configure, fail, run
 from gpt import GPT, GPTConfig
+from training import flops_per_token, make_optimizer, make_scaler, matmul_flops, train_step
 
 
 def timed(fn, repeat=1):
@@ -199,11 +200,9 @@ def bench_tokenize(mb=200, repeat=2):
 
 def bench_train(steps=5, n_layer=6, n_head=6, n_embd=384, block_size=256, batch_size=8):
     """Training throughput at a fixed shape (GPT-2 vocabulary, random tokens, AdamW, clipping) in
-    float32 and bfloat16 autocast, through train.py's own train_step; MFU against the matmul peak
-    of the same dtype measured just before; transformers' GPT2LMHeadModel at the same shape, dtype,
-    optimizer and clipping is the bar to meet."""
-    from train import flops_per_token, make_optimizer, make_scaler, matmul_flops, train_step
-    from cli import autocast
+    float32 and bfloat16 autocast, through training.train_step as train.py runs it; MFU against the
+    matmul peak of the same dtype measured just before; transformers' GPT2LMHeadModel at the same
+    shape, dtype, optimizer and clipping is the bar to meet."""
     torch.manual_seed(0)
     config = GPTConfig(block_size=block_size, n_layer=n_layer, n_head=n_head, n_embd=n_embd)
     x, y = (torch.randint(0, config.vocab_size, (batch_size, block_size)) for _ in range(2))

@@ -9,19 +9,19 @@
 An example is a prompt, then the response followed by <|endoftext|>. The prompt is Stanford
 Alpaca's template, verbatim, then one newline: the template ends with "### Response:" and the
 response starts on the next line. sample.py --instruction builds its prompt with the same
-alpaca_prompt(), so the model sees at inference exactly what it saw in training. Prompt and
+data.alpaca_prompt(), so the model sees at inference exactly what it saw in training. Prompt and
 response are tokenized separately, so the boundary between them is a token boundary; the loss
 skips the prompt (label -100, unless --mask_prompt=False) and the padding, and counts the
 <|endoftext|>, so the model learns to stop. Examples longer than max_seq_len tokens (prompt,
 response and <|endoftext|>) are dropped, not truncated: a cut response would teach the model to
 stop mid-sentence, or never. Batches are padded to their longest example only.
 
-Training reuses train.py's pieces: its LR schedule, AdamW, optimizer step (gradient accumulation,
-clipping, AMP, GradScaler), evaluation, atomic checkpoints, log and plot. As there, the batch of
-every micro-step is a pure function of (seed, iteration, index), so a resumed run repeats an
-uninterrupted one exactly. A LoRA run writes out_dir/adapter.safetensors + adapter.json (a few MB);
-a full fine-tune writes the whole model into out_dir/ckpt.pt; --merge=True also writes
-out_dir/merged, a Hugging Face-format model with the adapter folded in.
+Training uses train.py's pieces, from training.py: the LR schedule, AdamW, the optimizer step
+(gradient accumulation, clipping, AMP, GradScaler), evaluation, atomic checkpoints, log and plot.
+As there, the batch of every micro-step is a pure function of (seed, iteration, index), so a
+resumed run repeats an uninterrupted one exactly. A LoRA run writes out_dir/adapter.safetensors
++ adapter.json (a few MB); a full fine-tune writes the whole model into out_dir/ckpt.pt;
+--merge=True also writes out_dir/merged, a Hugging Face-format model with the adapter folded in.
 """
 import functools
 import json
@@ -33,8 +33,9 @@ from types import SimpleNamespace
 import torch
 
 import gpt
-import train
+import training
 from cli import autocast, fail, pick_device, pick_dtype, run, writable_dir
+from data import alpaca_prompt, seed_for
 
 # ----------------------------------------------------------------------------- defaults
 init_from = "gpt2"        # gpt2 | gpt2-medium | gpt2-large | gpt2-xl | a local HF directory | resume
@@ -83,26 +84,6 @@ FIXED_KEYS = ("data", "data_path", "val_size", "subset", "max_seq_len", "mask_pr
 
 # ----------------------------------------------------------------------------- prompts
 
-# Stanford Alpaca's templates (github.com/tatsu-lab/stanford_alpaca, train.py's PROMPT_DICT), verbatim
-PROMPT_WITH_INPUT = (
-    "Below is an instruction that describes a task, paired with an input that provides further context. "
-    "Write a response that appropriately completes the request.\n\n"
-    "### Instruction:\n{instruction}\n\n### Input:\n{input}\n\n### Response:"
-)
-PROMPT_NO_INPUT = (
-    "Below is an instruction that describes a task. "
-    "Write a response that appropriately completes the request.\n\n"
-    "### Instruction:\n{instruction}\n\n### Response:"
-)
-RESPONSE_SEPARATOR = "\n"  # between "### Response:" and the response; part of the prompt
-
-
-def alpaca_prompt(instruction, input=""):
-    """Everything the model reads before the response, in training and at inference."""
-    template = PROMPT_WITH_INPUT if input else PROMPT_NO_INPUT
-    return template.format(instruction=instruction, input=input) + RESPONSE_SEPARATOR
-
-
 def encode_example(enc, record):
     """(ids, n_prompt): the prompt's tokens then the response's and <|endoftext|>; the first
     n_prompt ids are the prompt. Text is encoded as ordinary text: an "<|endoftext|>" inside a
@@ -140,7 +121,8 @@ def alpaca_file(c):
         if c.data == "alpaca":
             return gpt.download(c.alpaca_url, gpt.cache_dir() / "alpaca" / "alpaca_data.json")
     except gpt.DownloadError as e:
-        fail(str(e))
+        fail(f"{e}. Without it: a local copy with --data_path=file.json"
+             f"{', or HF_ENDPOINT=<a mirror of the hub>' if c.data == 'alpaca-cleaned' else ', or another --alpaca_url'}")
     fail(f"--data={c.data} is not one of alpaca-cleaned, alpaca (or give --data_path=file.json)")
 
 
@@ -172,7 +154,7 @@ def split_records(records, val_size, subset, seed):
         print(f"--val_size=0: holding out {val_size} of the {len(records)} records")
     if val_size >= len(records):
         fail(f"--val_size={val_size} must be below the {len(records)} records, to leave some to train on")
-    order = torch.randperm(len(records), generator=torch.Generator().manual_seed(train.seed_for(seed, "split")))
+    order = torch.randperm(len(records), generator=torch.Generator().manual_seed(seed_for(seed, "split")))
     shuffled = [records[i] for i in order.tolist()]
     rest = shuffled[val_size:]
     return rest[:subset] if subset else rest, shuffled[:val_size]
@@ -188,8 +170,8 @@ def tokenize(enc, records, max_seq_len, name):
 
 
 def batch_loader(splits, batch_size, micro_per_step, mask_prompt, pad_id, device, seed):
-    """(get_batch, step_tokens). get_batch(split, key, index) is what train.train_step and
-    train.evaluate call: for key "eval", batch `index` of the split's examples in order; for an
+    """(get_batch, step_tokens). get_batch(split, key, index) is what training.train_step and
+    training.evaluate call: for key "eval", batch `index` of the split's examples in order; for an
     iteration, micro-batch number key * micro_per_step + index of a walk through the training
     examples, epoch after epoch, each epoch in its own order seeded by (seed, epoch).
     step_tokens(it) counts the tokens the iteration reads."""
@@ -198,7 +180,7 @@ def batch_loader(splits, batch_size, micro_per_step, mask_prompt, pad_id, device
 
     @functools.lru_cache(maxsize=2)
     def epoch_order(epoch):
-        gen = torch.Generator().manual_seed(train.seed_for(seed, "epoch", epoch))
+        gen = torch.Generator().manual_seed(seed_for(seed, "epoch", epoch))
         return torch.randperm(len(examples), generator=gen).tolist()
 
     def rows(split, key, index):
@@ -224,8 +206,8 @@ def prepare_model(c, ckpt, vocab_size):
     for QLoRA), or all of it trainable (lora_rank=0). A resumed full fine-tune comes whole from
     its checkpoint; a resumed LoRA run rebuilds the frozen base from init_from and loads the rest."""
     if ckpt is not None and not c.lora_rank:
-        return train.model_from_checkpoint(ckpt)
-    model = train.build_model(c, vocab_size, ckpt=None)
+        return training.model_from_checkpoint(ckpt)
+    model = training.build_model(c, vocab_size, ckpt=None)
     if ckpt is not None:
         with torch.no_grad():
             for name, p in model.named_parameters():
@@ -257,12 +239,12 @@ def sequence_length(max_seq_len, context):
 
 
 def main(argv=None):
-    cfg, ckpt = train.run_config(DEFAULTS, FIXED_KEYS, argv, __doc__, __file__)
+    cfg, ckpt = training.run_config(DEFAULTS, FIXED_KEYS, argv, __doc__, __file__)
     ckpt_path = os.path.join(cfg["out_dir"], "ckpt.pt")
     if ckpt is not None:
         cfg["init_from"] = ckpt["config"]["init_from"]  # the base model, so that the next resume finds it too
     c = SimpleNamespace(**cfg)
-    train.check_adapters(cfg)
+    training.check_adapters(cfg)
     if c.init_from == "scratch":
         fail("fine-tuning starts from trained weights: --init_from=gpt2 (or another GPT-2, or a HF directory)")
     writable_dir(c.out_dir)
@@ -292,60 +274,58 @@ def main(argv=None):
     mode = "full fine-tune" if not c.lora_rank else "QLoRA" if c.quantize == "nf4" else "LoRA"
     print(f"{mode} of {c.init_from}: {trainable / 1e6:.2f}M of {model.num_params(non_embedding=False) / 1e6:.2f}M parameters train; "
           f"{len(splits['train'])} training, {len(splits['val'])} validation examples; {device}, {dtype}")
-    optimizer = train.make_optimizer(model, lr, c.weight_decay, (c.beta1, c.beta2), device)
-    scaler = train.make_scaler(device, dtype)
+    optimizer = training.make_optimizer(model, lr, c.weight_decay, (c.beta1, c.beta2), device)
+    scaler = training.make_scaler(device, dtype)
     log_path = os.path.join(c.out_dir, "log.jsonl")
-    start_iter, best_val_loss = train.restore_run(ckpt, optimizer, scaler, log_path)
+    start_iter, best_val_loss = training.restore_run(ckpt, optimizer, scaler, log_path)
 
     def checkpoint(it, evaluated=True):
-        state = train.run_state(optimizer, scaler, it, best_val_loss, cfg, model, "gpt2", log_path,
+        state = training.run_state(optimizer, scaler, it, best_val_loss, cfg, model, "gpt2", log_path,
                                 script="finetune_alpaca.py", evaluated=evaluated)
         if c.lora_rank:  # the frozen base comes back from init_from: keep only what trains
             gpt.save_adapter(model, c.out_dir, base_model=c.init_from)
             state["adapter"] = {n: p.detach() for n, p in model.named_parameters() if p.requires_grad}
         else:
             state["model"] = model.state_dict()
-        train.save_checkpoint(ckpt_path, state)
+        training.save_checkpoint(ckpt_path, state)
 
     it = start_iter
     t_last, it_last, tokens = time.perf_counter(), it, 0
-    with train.stop_signals() as caught:
+    with training.stop_signals() as caught:
         while True:
-            if train.due_for_eval(it, c.eval_interval, c.max_iters, ckpt, start_iter):
-                losses = train.evaluate(model, get_batch, eval_iters, device=device, dtype=dtype)
+            if training.due_for_eval(it, c.eval_interval, c.max_iters, ckpt, start_iter):
+                losses = training.evaluate(model, get_batch, eval_iters, device=device, dtype=dtype)
                 best_val_loss = min(best_val_loss, losses["val"])
                 responses = [{**r, "response": respond(model, enc, r, c.sample_tokens, device, dtype)}
                              for r in held_out]
-                print(f"eval {it}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f} "
-                      f"(best {best_val_loss:.4f})")
+                print(training.eval_line(it, losses, best_val_loss))
                 for r in responses:
                     print(f"  {r['instruction']!r} -> {r['response']!r}")
-                train.log_record(log_path, {"iter": it, "train_loss": losses["train"], "val_loss": losses["val"],
+                training.log_record(log_path, {"iter": it, "train_loss": losses["train"], "val_loss": losses["val"],
                                             "best_val_loss": best_val_loss, "responses": responses})
-                train.plot_log(log_path, os.path.join(c.out_dir, "loss.png"))
+                training.plot_log(log_path, os.path.join(c.out_dir, "loss.png"))
                 checkpoint(it)
                 t_last, it_last, tokens = time.perf_counter(), it, 0
             if it >= c.max_iters:
                 break
 
-            step_lr = train.lr_at(it, lr, lr / 10, c.warmup_iters, c.max_iters)
-            loss = train.train_step(model, optimizer, scaler, get_batch, it, step_lr, c.gradient_accumulation_steps,
-                                    device=device, dtype=dtype, grad_clip=c.grad_clip, seed=c.seed)
+            step_lr = training.lr_at(it, lr, lr / 10, c.warmup_iters, c.max_iters)
+            loss = training.train_step(model, optimizer, scaler, get_batch, it, step_lr,
+                                       grad_accum=c.gradient_accumulation_steps, device=device, dtype=dtype,
+                                       grad_clip=c.grad_clip, seed=c.seed)
             tokens += step_tokens(it)
             if it % c.log_interval == 0:
                 loss = loss.item()
                 seconds = time.perf_counter() - t_last
                 record = {"iter": it, "loss": loss, "lr": step_lr, "tokens_per_s": tokens / seconds,
-                          "ms": 1000 * seconds / (it + 1 - it_last), "mem": train.memory_mb(device)}
-                print(f"iter {it}: loss {loss:.4f}, lr {step_lr:.2e}, {record['ms']:.1f} ms/iter, "
-                      f"{record['tokens_per_s']:,.0f} tokens/s, mem {record['mem']:,.0f} MB", flush=True)
-                train.log_record(log_path, record)
+                          "ms": 1000 * seconds / (it + 1 - it_last), "mem": training.memory_mb(device)}
+                training.log_step(log_path, record)
                 t_last, it_last, tokens = time.perf_counter(), it + 1, 0
             it += 1
-            stop = train.agreed_stop(caught, 1, device)
+            stop = training.agreed_stop(caught, 1, device)
             if stop and it < c.max_iters:
                 checkpoint(it, evaluated=False)
-                print(train.stop_message(it, ckpt_path, "finetune_alpaca.py", c.out_dir, 1), flush=True)
+                print(training.stop_message(it, ckpt_path, "finetune_alpaca.py", c.out_dir, 1), flush=True)
                 raise SystemExit(128 + stop)
     print(f"done: {c.max_iters} iterations; checkpoint in {ckpt_path}, log in {log_path}")
 

@@ -1,7 +1,7 @@
 """GPT-2 in one file, to be read top to bottom.
 
     config -> layers -> model -> generation -> tokenizer -> downloads -> safetensors -> GPT-2 weights
-           -> lora (low-rank adapters) -> nf4 (4-bit weights; LoRA on them is QLoRA)
+           -> nf4 (4-bit weights) -> lora (low-rank adapters; on nf4 weights, QLoRA)
 
 The defaults are OpenAI's GPT-2 exactly (learned positions, tanh GELU, pre-norm LayerNorm, tied
 embeddings); pos_emb="rope" and mlp="swiglu" give the modern variant. Pretrained weights are read
@@ -187,9 +187,10 @@ class GPT(nn.Module):
 
     def num_params(self, non_embedding=True):
         """Parameters counted once (the tied matrix too); without the position table by default.
-        4-bit weights (NF4Linear, below) are buffers, not parameters, and count too."""
+        A layer that keeps its weight in another form than a parameter (4-bit buffers, in the nf4
+        section) counts it too: it says how many numbers it stands for with weight_numel()."""
         n = sum(p.numel() for p in self.parameters())
-        n += sum(m.in_features * m.out_features for m in self.modules() if isinstance(m, NF4Linear))
+        n += sum(m.weight_numel() for m in self.modules() if hasattr(m, "weight_numel"))
         if non_embedding and self.config.pos_emb == "learned":
             n -= self.transformer.wpe.weight.numel()
         return n
@@ -217,6 +218,19 @@ class GPT(nn.Module):
         if targets is not None:
             loss = F.cross_entropy(logits.view(-1, logits.size(-1)).float(), targets.reshape(-1), ignore_index=-100)
         return logits, loss
+
+    # ------------------------------------------------------------------------- Hugging Face files
+
+    @classmethod
+    def from_pretrained(cls, name_or_dir, dropout=0.0):
+        """GPT-2's weights from the hub (gpt2, gpt2-medium, gpt2-large, gpt2-xl) or from a local
+        directory in its layout; dropout for fine-tuning, as GPT-2's files come without. The files
+        are read in the GPT-2 weights section, below."""
+        return load_pretrained(cls, name_or_dir, dropout)
+
+    def save_pretrained(self, directory):
+        """config.json + model.safetensors, in the layout transformers' GPT2LMHeadModel reads."""
+        write_pretrained(self, directory)
 
     # ------------------------------------------------------------------------- generation
 
@@ -658,14 +672,18 @@ def _resolve_pretrained(name_or_dir):
         raise ValueError(f"unknown model {name_or_dir!r}: expected one of {', '.join(PRETRAINED)} "
                          "or a directory holding config.json and model.safetensors")
     repo = f"openai-community/{name_or_dir}"
-    return hub_file(repo, "config.json"), hub_file(repo, "model.safetensors")
+    try:
+        return hub_file(repo, "config.json"), hub_file(repo, "model.safetensors")
+    except DownloadError as e:
+        raise DownloadError(f"{e}. Without the hub: HF_ENDPOINT=<a mirror of it>, or a local directory holding "
+                            "config.json and model.safetensors in place of the name") from None
 
 
-def from_pretrained(cls, name_or_dir):
-    """GPT-2 weights from the hub (gpt2, gpt2-medium, gpt2-large, gpt2-xl) or a local directory."""
+def load_pretrained(cls, name_or_dir, dropout=0.0):
+    """GPT.from_pretrained: the files found, checked against each other, then copied in."""
     config_path, weights_path = _resolve_pretrained(str(name_or_dir))
     hf = read_json(Path(config_path).read_bytes(), lambda why: ValueError(f"{config_path}: {why}"))
-    config = _hf_config_to_ours(hf, config_path)
+    config = replace(_hf_config_to_ours(hf, config_path), dropout=dropout)
     _check_weights(cls, config, weights_path)
     model = cls(config)
     ours = model.state_dict()
@@ -676,8 +694,8 @@ def from_pretrained(cls, name_or_dir):
     return model
 
 
-def save_pretrained(model, directory):
-    """Write config.json + model.safetensors in the layout transformers' GPT2LMHeadModel reads."""
+def write_pretrained(model, directory):
+    """model.save_pretrained: config.json, and model.safetensors with Conv1D's layout restored."""
     c = model.config
     if c.pos_emb != "learned" or c.mlp != "gelu" or not c.bias:
         raise ValueError("only the GPT-2 variant (pos_emb='learned', mlp='gelu', bias=True) can be "
@@ -701,19 +719,125 @@ def save_pretrained(model, directory):
         f.write((json.dumps(hf, indent=2) + "\n").encode())
 
 
-# attached here, after the functions they use, so that the file reads in order
-GPT.from_pretrained = classmethod(from_pretrained)
-GPT.save_pretrained = save_pretrained
+
+# ----------------------------------------------------------------------------- nf4
+
+# QLoRA's 4-bit NormalFloat (Dettmers et al. 2023). Trained weights are close to normal, so the 16
+# levels are quantiles of N(0, 1) scaled into [-1, 1]: each level then stands for about as many
+# weights as any other. Each block of 64 weights is divided by its absolute maximum (its absmax)
+# and every weight is rounded to the nearest level: 4 bits, two of them packed into a byte.
+NF4_BLOCK = 64       # weights sharing one absmax scale
+ABSMAX_BLOCK = 256   # absmax scales sharing one scale of their own, with double quantization
+def nf4_levels():
+    """The 16 NF4 values, computed as bitsandbytes' create_normal_map does (the QLoRA paper's table):
+    8 positive quantiles and 7 negative ones around an exact zero, so zeros (and padding) survive."""
+    # the quantile at probability 1 is infinite; the paper's outermost one is at 0.9677, halfway
+    # between 1 - 1/(2*15) and 1 - 1/(2*16) (half a step in from the end, for 15 and 16 levels)
+    offset = (1 - 1 / (2 * 15) + 1 - 1 / (2 * 16)) / 2
+
+    def normal_quantile(p):
+        return math.sqrt(2) * torch.special.erfinv(2 * p - 1)
+
+    positive = normal_quantile(torch.linspace(offset, 0.5, 9, dtype=torch.float64)[:-1])
+    negative = -normal_quantile(torch.linspace(offset, 0.5, 8, dtype=torch.float64)[:-1])
+    levels = torch.cat([negative, torch.zeros(1, dtype=torch.float64), positive]).sort().values
+    return (levels / levels.max()).float()
 
 
-# ----------------------------------------------------------------------------- lora
+NF4_LEVELS = nf4_levels()
 
-# LoRA (Hu et al. 2021): what fine-tuning changes in a weight matrix has low rank, so learn the
-# change as a product B @ A (out x r times r x in, r small) beside the frozen W:
-#     y = W x + (alpha / r) * B A x
-# B starts at zero, so a fresh adapter changes nothing. On an NF4Linear base (next section) this is QLoRA.
+
+def nf4_quantize(weight, double_quant=True):
+    """Quantize a float tensor to NF4: a dict of tensors, `packed` (uint8, two 4-bit codes a byte,
+    high nibble first) and the per-block scales, `absmax` (float32, one per 64 weights) or, with
+    double quantization, those scales quantized again to 8 bits: `absmax_q` (int8), `absmax_scale`
+    (float32, one per 256 scales) and `absmax_mean` (float32)."""
+    flat = weight.detach().float().flatten()
+    blocks = F.pad(flat, (0, -flat.numel() % NF4_BLOCK)).view(-1, NF4_BLOCK)  # zero padding stays zero
+    absmax = blocks.abs().amax(dim=1)
+    normalized = blocks / absmax.clamp(min=torch.finfo(torch.float32).tiny)[:, None]
+    levels = NF4_LEVELS.to(flat.device)
+    codes = torch.bucketize(normalized, (levels[1:] + levels[:-1]) / 2).to(torch.uint8).view(-1)  # nearest level
+    q = {"packed": codes[0::2] << 4 | codes[1::2]}
+    if not double_quant:
+        q["absmax"] = absmax
+        return q
+    # the scales cost 32/64 = 0.5 bits per weight; as 8-bit numbers they cost 8/64 + 32/(64*256) =
+    # 0.127. They are all positive: centring them on their mean first uses the 8 bits' sign too
+    mean = absmax.mean()
+    centred = F.pad(absmax - mean, (0, -absmax.numel() % ABSMAX_BLOCK)).view(-1, ABSMAX_BLOCK)
+    scale = centred.abs().amax(dim=1).clamp(min=torch.finfo(torch.float32).tiny) / 127
+    q["absmax_q"] = torch.round(centred / scale[:, None]).to(torch.int8).view(-1)
+    q["absmax_scale"], q["absmax_mean"] = scale, mean
+    return q
+
+
+def nf4_dequantize(q, shape, dtype=torch.float32):
+    """The tensor of the given shape that nf4_quantize's dict q stands for, in dtype."""
+    packed = q["packed"]
+    codes = torch.stack([packed >> 4, packed & 15], dim=1).view(-1).int()
+    if "absmax" in q:
+        absmax = q["absmax"]
+    else:
+        scales = q["absmax_q"].view(-1, ABSMAX_BLOCK).float() * q["absmax_scale"][:, None]
+        absmax = scales.view(-1)[:codes.numel() // NF4_BLOCK] + q["absmax_mean"]
+    blocks = NF4_LEVELS.to(packed.device, dtype)[codes].view(-1, NF4_BLOCK) * absmax.to(dtype)[:, None]
+    return blocks.view(-1)[:math.prod(shape)].view(shape)
+
+
+def nf4_bits_per_param(q, numel):
+    """Storage of the quantized tensor, scales included, per original number."""
+    return 8 * sum(t.numel() * t.element_size() for t in q.values()) / numel
+
+
+class _NF4Matmul(torch.autograd.Function):
+    """x @ W.T with W dequantized just for this product. Autograd would keep the float W of every
+    layer alive until the backward pass; this dequantizes it again there instead, so only one
+    layer's float weight exists at a time. No gradient flows into W."""
+
+    @staticmethod
+    def forward(ctx, x, layer):
+        device = x.device.type
+        dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else x.dtype
+        ctx.layer, ctx.x_dtype = layer, x.dtype
+        return x.to(dtype) @ layer.dequantize(dtype).t()
+
+    @staticmethod
+    def backward(ctx, grad):
+        return (grad @ ctx.layer.dequantize(grad.dtype)).to(ctx.x_dtype), None
+
+
+class NF4Linear(nn.Module):
+    """A linear layer whose weight is kept in NF4 (buffers: it is not trained) and dequantized to
+    the compute dtype for each product; the bias stays as it was."""
+
+    def __init__(self, linear, double_quant=True):
+        super().__init__()
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+        self.double_quant = double_quant
+        self.set_weight(linear.weight)
+        self.bias = linear.bias
+
+    def set_weight(self, weight):
+        for name, t in nf4_quantize(weight, self.double_quant).items():
+            self.register_buffer(name, t)
+
+    def quantized(self):
+        return dict(self.named_buffers(recurse=False))
+
+    def dequantize(self, dtype=torch.float32):
+        return nf4_dequantize(self.quantized(), (self.out_features, self.in_features), dtype)
+
+    def weight_numel(self):
+        return self.in_features * self.out_features
+
+    def forward(self, x):
+        y = _NF4Matmul.apply(x, self)
+        return y if self.bias is None else y + self.bias.to(y.dtype)
+
+
+# quantize_model below and apply_lora in the next section put new layers in place of these
 BLOCK_LINEARS = ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj")  # the linear layers of a block
-LORA_SUFFIXES = (".lora_A", ".lora_B")
 
 
 def replace_block_linears(model, paths, new_layer):
@@ -724,6 +848,26 @@ def replace_block_linears(model, paths, new_layer):
             module = block.get_submodule(parent)
             setattr(module, name, new_layer(path, getattr(module, name)))
     return model
+
+
+def quantize_model(model, double_quant=True):
+    """Replace every linear layer of every block by an NF4Linear, in place. The tied embedding and
+    lm_head stay as they are: they are one matrix that reads and writes tokens, and small next to
+    the blocks for the larger models."""
+    def quantize(path, layer):
+        if type(layer) is not nn.Linear:
+            raise ValueError(f"{path} is a {type(layer).__name__}: quantize a model before adding LoRA, once")
+        return NF4Linear(layer, double_quant)
+    return replace_block_linears(model, BLOCK_LINEARS, quantize)
+
+
+# ----------------------------------------------------------------------------- lora
+
+# LoRA (Hu et al. 2021): what fine-tuning changes in a weight matrix has low rank, so learn the
+# change as a product B @ A (out x r times r x in, r small) beside the frozen W:
+#     y = W x + (alpha / r) * B A x
+# B starts at zero, so a fresh adapter changes nothing. On an NF4Linear base (the section above) this is QLoRA.
+LORA_SUFFIXES = (".lora_A", ".lora_B")
 
 
 class LoRALinear(nn.Module):
@@ -880,129 +1024,3 @@ def load_adapter(model, directory):
                 raise ValueError(f"{path}: {name} has shape {list(t.shape)}, the model needs {list(ours[name].shape)}")
             ours[name].copy_(t)
     return config
-
-
-# ----------------------------------------------------------------------------- nf4
-
-# QLoRA's 4-bit NormalFloat (Dettmers et al. 2023). Trained weights are close to normal, so the 16
-# levels are quantiles of N(0, 1) scaled into [-1, 1]: each level then stands for about as many
-# weights as any other. Each block of 64 weights is divided by its absolute maximum (its absmax)
-# and every weight is rounded to the nearest level: 4 bits, two of them packed into a byte.
-NF4_BLOCK = 64       # weights sharing one absmax scale
-ABSMAX_BLOCK = 256   # absmax scales sharing one scale of their own, with double quantization
-
-
-def nf4_levels():
-    """The 16 NF4 values, computed as bitsandbytes' create_normal_map does (the QLoRA paper's table):
-    8 positive quantiles and 7 negative ones around an exact zero, so zeros (and padding) survive."""
-    # the quantile at probability 1 is infinite; the paper's outermost one is at 0.9677, halfway
-    # between 1 - 1/(2*15) and 1 - 1/(2*16) (half a step in from the end, for 15 and 16 levels)
-    offset = (1 - 1 / (2 * 15) + 1 - 1 / (2 * 16)) / 2
-
-    def normal_quantile(p):
-        return math.sqrt(2) * torch.special.erfinv(2 * p - 1)
-
-    positive = normal_quantile(torch.linspace(offset, 0.5, 9, dtype=torch.float64)[:-1])
-    negative = -normal_quantile(torch.linspace(offset, 0.5, 8, dtype=torch.float64)[:-1])
-    levels = torch.cat([negative, torch.zeros(1, dtype=torch.float64), positive]).sort().values
-    return (levels / levels.max()).float()
-
-
-NF4_LEVELS = nf4_levels()
-
-
-def nf4_quantize(weight, double_quant=True):
-    """Quantize a float tensor to NF4: a dict of tensors, `packed` (uint8, two 4-bit codes a byte,
-    high nibble first) and the per-block scales, `absmax` (float32, one per 64 weights) or, with
-    double quantization, those scales quantized again to 8 bits: `absmax_q` (int8), `absmax_scale`
-    (float32, one per 256 scales) and `absmax_mean` (float32)."""
-    flat = weight.detach().float().flatten()
-    blocks = F.pad(flat, (0, -flat.numel() % NF4_BLOCK)).view(-1, NF4_BLOCK)  # zero padding stays zero
-    absmax = blocks.abs().amax(dim=1)
-    normalized = blocks / absmax.clamp(min=torch.finfo(torch.float32).tiny)[:, None]
-    levels = NF4_LEVELS.to(flat.device)
-    codes = torch.bucketize(normalized, (levels[1:] + levels[:-1]) / 2).to(torch.uint8).view(-1)  # nearest level
-    q = {"packed": codes[0::2] << 4 | codes[1::2]}
-    if not double_quant:
-        q["absmax"] = absmax
-        return q
-    # the scales cost 32/64 = 0.5 bits per weight; as 8-bit numbers they cost 8/64 + 32/(64*256) =
-    # 0.127. They are all positive: centring them on their mean first uses the 8 bits' sign too
-    mean = absmax.mean()
-    centred = F.pad(absmax - mean, (0, -absmax.numel() % ABSMAX_BLOCK)).view(-1, ABSMAX_BLOCK)
-    scale = centred.abs().amax(dim=1).clamp(min=torch.finfo(torch.float32).tiny) / 127
-    q["absmax_q"] = torch.round(centred / scale[:, None]).to(torch.int8).view(-1)
-    q["absmax_scale"], q["absmax_mean"] = scale, mean
-    return q
-
-
-def nf4_dequantize(q, shape, dtype=torch.float32):
-    """The tensor of the given shape that nf4_quantize's dict q stands for, in dtype."""
-    packed = q["packed"]
-    codes = torch.stack([packed >> 4, packed & 15], dim=1).view(-1).int()
-    if "absmax" in q:
-        absmax = q["absmax"]
-    else:
-        scales = q["absmax_q"].view(-1, ABSMAX_BLOCK).float() * q["absmax_scale"][:, None]
-        absmax = scales.view(-1)[:codes.numel() // NF4_BLOCK] + q["absmax_mean"]
-    blocks = NF4_LEVELS.to(packed.device, dtype)[codes].view(-1, NF4_BLOCK) * absmax.to(dtype)[:, None]
-    return blocks.view(-1)[:math.prod(shape)].view(shape)
-
-
-def nf4_bits_per_param(q, numel):
-    """Storage of the quantized tensor, scales included, per original number."""
-    return 8 * sum(t.numel() * t.element_size() for t in q.values()) / numel
-
-
-class _NF4Matmul(torch.autograd.Function):
-    """x @ W.T with W dequantized just for this product. Autograd would keep the float W of every
-    layer alive until the backward pass; this dequantizes it again there instead, so only one
-    layer's float weight exists at a time. No gradient flows into W."""
-
-    @staticmethod
-    def forward(ctx, x, layer):
-        device = x.device.type
-        dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else x.dtype
-        ctx.layer, ctx.x_dtype = layer, x.dtype
-        return x.to(dtype) @ layer.dequantize(dtype).t()
-
-    @staticmethod
-    def backward(ctx, grad):
-        return (grad @ ctx.layer.dequantize(grad.dtype)).to(ctx.x_dtype), None
-
-
-class NF4Linear(nn.Module):
-    """A linear layer whose weight is kept in NF4 (buffers: it is not trained) and dequantized to
-    the compute dtype for each product; the bias stays as it was."""
-
-    def __init__(self, linear, double_quant=True):
-        super().__init__()
-        self.in_features, self.out_features = linear.in_features, linear.out_features
-        self.double_quant = double_quant
-        self.set_weight(linear.weight)
-        self.bias = linear.bias
-
-    def set_weight(self, weight):
-        for name, t in nf4_quantize(weight, self.double_quant).items():
-            self.register_buffer(name, t)
-
-    def quantized(self):
-        return dict(self.named_buffers(recurse=False))
-
-    def dequantize(self, dtype=torch.float32):
-        return nf4_dequantize(self.quantized(), (self.out_features, self.in_features), dtype)
-
-    def forward(self, x):
-        y = _NF4Matmul.apply(x, self)
-        return y if self.bias is None else y + self.bias.to(y.dtype)
-
-
-def quantize_model(model, double_quant=True):
-    """Replace every linear layer of every block by an NF4Linear, in place. The tied embedding and
-    lm_head stay as they are: they are one matrix that reads and writes tokens, and small next to
-    the blocks for the larger models."""
-    def quantize(path, layer):
-        if type(layer) is not nn.Linear:
-            raise ValueError(f"{path} is a {type(layer).__name__}: quantize a model before adding LoRA, once")
-        return NF4Linear(layer, double_quant)
-    return replace_block_linears(model, BLOCK_LINEARS, quantize)

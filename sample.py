@@ -16,9 +16,9 @@ import sys
 import torch
 
 from cli import autocast, configure, fail, pick_device, pick_dtype, run
-from finetune_alpaca import alpaca_prompt
+from data import alpaca_prompt
 from gpt import GPT, DownloadError, get_tokenizer, load_adapter, read_adapter_config
-from train import load_checkpoint, model_from_checkpoint
+from training import load_checkpoint, model_from_checkpoint
 
 # ----------------------------------------------------------------------------- defaults
 init_from = ""          # gpt2 | gpt2-medium | ... | a local HF directory | resume; "": gpt2, or the adapter's base

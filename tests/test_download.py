@@ -195,6 +195,7 @@ def test_404_is_a_clear_error_and_caches_nothing(hub):
     with pytest.raises(DownloadError, match="404") as e:
         GPT.from_pretrained("gpt2")
     assert f"{hub.url}/{GPT2}config.json" in str(e.value)
+    assert "Without the hub: HF_ENDPOINT=<a mirror of it>, or a local directory holding config.json" in str(e.value)
     assert cached_files(hub) == []
 
 

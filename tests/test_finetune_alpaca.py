@@ -14,9 +14,10 @@ import pytest
 import tiktoken
 import torch
 
+import data
 import finetune_alpaca as fa
 import gpt
-import train
+import training
 from conftest import ROOT
 from hub_mirror import HubMirror
 
@@ -46,10 +47,10 @@ def make_records(n=40, seed=0):
 # ----------------------------------------------------------------------------- prompts and labels
 
 def test_prompts_are_the_templates_then_a_newline():
-    assert fa.PROMPT_WITH_INPUT == WITH_INPUT and fa.PROMPT_NO_INPUT == NO_INPUT
-    assert fa.alpaca_prompt("Name a color.") == NO_INPUT.format(instruction="Name a color.") + "\n"
-    assert fa.alpaca_prompt("Sum these.", "2, 3") == WITH_INPUT.format(instruction="Sum these.", input="2, 3") + "\n"
-    assert fa.alpaca_prompt("{input} braces stay", "") .startswith(NO_INPUT.split("{")[0])
+    assert data.PROMPT_WITH_INPUT == WITH_INPUT and data.PROMPT_NO_INPUT == NO_INPUT
+    assert data.alpaca_prompt("Name a color.") == NO_INPUT.format(instruction="Name a color.") + "\n"
+    assert data.alpaca_prompt("Sum these.", "2, 3") == WITH_INPUT.format(instruction="Sum these.", input="2, 3") + "\n"
+    assert data.alpaca_prompt("{input} braces stay", "") .startswith(NO_INPUT.split("{")[0])
 
 
 def test_example_is_prompt_then_response_then_eot():
@@ -212,31 +213,31 @@ def test_run_crash_resume_and_sample(mode, hub, tmp_path, monkeypatch, capsys):
     assert [set(r) for r in evals[-1]["responses"]] == [{"instruction", "input", "output", "response"}] * 2
     assert (straight / "loss.png").stat().st_size > 0 and (straight / "merged" / "model.safetensors").exists()
 
-    real_step = train.train_step
+    real_step = training.train_step
 
     def crash_at_4(*args, **kwargs):
         if args[4] == 4:
             raise Crash
         return real_step(*args, **kwargs)
 
-    monkeypatch.setattr(train, "train_step", crash_at_4)
+    monkeypatch.setattr(training, "train_step", crash_at_4)
     with pytest.raises(Crash):
         finetune(crashed, *MODES[mode])
-    monkeypatch.setattr(train, "train_step", real_step)
+    monkeypatch.setattr(training, "train_step", real_step)
     fa.main([f"--out_dir={crashed}", "--init_from=resume"])
     assert log_without_timing(crashed / "log.jsonl") == log  # the same numbers, bit for bit
 
-    ckpt = train.load_checkpoint(straight / "ckpt.pt")
+    ckpt = training.load_checkpoint(straight / "ckpt.pt")
     if mode == "full":
         assert "model" in ckpt and not (straight / "adapter.json").exists()
-        resumed = train.load_checkpoint(crashed / "ckpt.pt")["model"]
+        resumed = training.load_checkpoint(crashed / "ckpt.pt")["model"]
         assert all(torch.equal(t, resumed[k]) for k, t in ckpt["model"].items())
         return
     assert set(ckpt["adapter"]) == set(gpt.read_safetensors(straight / "adapter.safetensors"))
     assert all(k.endswith(gpt.LORA_SUFFIXES) for k in ckpt["adapter"]) and "model" not in ckpt
     capsys.readouterr()
     with pytest.raises(SystemExit):  # what sample.py --init_from=resume would do with it
-        train.model_from_checkpoint(ckpt)
+        training.model_from_checkpoint(ckpt)
     assert "--init_from=gpt2 --adapter=" in capsys.readouterr().err
     adapter = json.loads((straight / "adapter.json").read_text())
     assert adapter["base_model"] == "gpt2" and adapter["quantize"] == ("nf4" if mode == "qlora" else None)
@@ -263,23 +264,23 @@ def test_run_crash_resume_and_sample(mode, hub, tmp_path, monkeypatch, capsys):
 def test_ctrl_c_stops_after_the_step_with_a_checkpoint_and_resume_is_exact(hub, tmp_path, monkeypatch, capsys):
     straight, stopped = tmp_path / "straight", tmp_path / "stopped"
     finetune(straight, *MODES["lora"])
-    real_step = train.train_step
+    real_step = training.train_step
 
     def ctrl_c_in_step_4(*args, **kwargs):
         if args[4] == 4:
             os.kill(os.getpid(), signal.SIGINT)  # mid-step, as a user's Ctrl-C lands
         return real_step(*args, **kwargs)
 
-    monkeypatch.setattr(train, "train_step", ctrl_c_in_step_4)
+    monkeypatch.setattr(training, "train_step", ctrl_c_in_step_4)
     capsys.readouterr()
     with pytest.raises(SystemExit) as e:
         finetune(stopped, *MODES["lora"])
     assert e.value.code == 130
-    ckpt = train.load_checkpoint(stopped / "ckpt.pt")
+    ckpt = training.load_checkpoint(stopped / "ckpt.pt")
     assert ckpt["iter"] == 5 and not ckpt["evaluated"] and ckpt["script"] == "finetune_alpaca.py"
     assert (f"stopped at iteration 5; checkpoint in {stopped / 'ckpt.pt'}; resume with: python finetune_alpaca.py "
             f"--init_from=resume --out_dir={stopped}") in capsys.readouterr().out.splitlines()
-    monkeypatch.setattr(train, "train_step", real_step)
+    monkeypatch.setattr(training, "train_step", real_step)
     fa.main([f"--out_dir={stopped}", "--init_from=resume"])
     assert log_without_timing(stopped / "log.jsonl") == log_without_timing(straight / "log.jsonl")
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # the run gave Ctrl-C back
@@ -306,3 +307,12 @@ def test_sample_refuses_a_bad_adapter_or_a_lone_input(hub, tmp_path):
         r = subprocess.run([sys.executable, str(ROOT / "sample.py"), "--init_from=gpt2", "--device=cpu", *args],
                            capture_output=True, text=True, env=env, cwd=ROOT, timeout=120)
         assert r.returncode == 2 and message in r.stderr and len(r.stderr.splitlines()) == 1, r.stderr
+
+
+def test_a_failed_download_says_what_to_do_instead(hub, capsys, tmp_path, monkeypatch):
+    monkeypatch.setenv("GPT2REF_CACHE", str(tmp_path))  # not the cache an earlier test filled
+    missing = SimpleNamespace(data="alpaca", data_path="", alpaca_url=f"{hub.url}/no/alpaca_data.json")
+    with pytest.raises(SystemExit) as e:
+        fa.alpaca_file(missing)
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and "404" in err and "Without it: a local copy with --data_path=file.json, or another --alpaca_url" in err

@@ -23,8 +23,8 @@ import pytest
 import torch
 
 import gpt
-import prepare_data
 from conftest import ROOT
+from data import FORMATS, HEADER_BYTES, read_tokens, write_tokens
 
 MEMORY = 2 << 30  # bytes of address space for a worker; importing torch takes about 0.7 GB of it
 TIMEOUT = 60      # seconds for a whole family; a few are needed
@@ -338,21 +338,21 @@ def check_pretrained(where, model):
 def token_cases(where, rng):
     for vocab in (50257, 100277):
         path = where / f"vocab{vocab}.bin"
-        prepare_data.write_tokens(path, np.arange(300) * 37 % vocab, vocab)
+        write_tokens(path, np.arange(300) * 37 % vocab, vocab)
         shard = path.read_bytes()
-        header = np.frombuffer(shard[:prepare_data.HEADER_BYTES], dtype="<i4")
+        header = np.frombuffer(shard[:HEADER_BYTES], dtype="<i4")
         yield f"vocab {vocab}: unchanged", shard
         for i in (0, 1, 2, 3, 255):
             for v in (0, 1, -1, 7, 2**31 - 1, -2**31, 20240520, 20240801, 299, 301, 600, 150):
                 h = header.copy()
                 h[i] = v
-                yield f"vocab {vocab}: header int {i} = {v}", h.tobytes() + shard[prepare_data.HEADER_BYTES:]
+                yield f"vocab {vocab}: header int {i} = {v}", h.tobytes() + shard[HEADER_BYTES:]
         other = 20240801 if vocab == 50257 else 20240520
         h = header.copy()
         h[0], h[1], h[2] = other, 7 if other == 20240801 else 1, 150 if other == 20240801 else 600
-        yield f"vocab {vocab}: relabelled as the other width", h.tobytes() + shard[prepare_data.HEADER_BYTES:]
+        yield f"vocab {vocab}: relabelled as the other width", h.tobytes() + shard[HEADER_BYTES:]
         yield from byte_edits(shard, rng, 150, 12)
-        yield from truncations(shard, [*range(0, prepare_data.HEADER_BYTES + 16, 7), *range(1024, len(shard), 9)])
+        yield from truncations(shard, [*range(0, HEADER_BYTES + 16, 7), *range(1024, len(shard), 9)])
         yield from appended(shard)
 
 
@@ -360,9 +360,9 @@ def check_tokens(path, tokens):
     """As many tokens as the header counts, each the file's bytes in the width its magic names."""
     file = path.read_bytes()
     magic, _, count = np.frombuffer(file[:12], dtype="<i4")
-    width = next(d for d, (m, _) in prepare_data.FORMATS.items() if m == magic)
+    width = next(d for d, (m, _) in FORMATS.items() if m == magic)
     assert len(tokens) == count
-    assert np.array_equal(tokens, np.frombuffer(file[prepare_data.HEADER_BYTES:], dtype=width.newbyteorder("<")))
+    assert np.array_equal(tokens, np.frombuffer(file[HEADER_BYTES:], dtype=width.newbyteorder("<")))
 
 
 # ----------------------------------------------------------------------------- the worker
@@ -410,7 +410,7 @@ def fuzz_pretrained(where, rng):
 def fuzz_tokens(where, rng):
     file = where / "shard.bin"
     cases = ((desc, {file.name: f}) for desc, f in token_cases(where, rng))
-    return run(cases, lambda w: prepare_data.read_tokens(file), lambda w, t: check_tokens(file, t), where)
+    return run(cases, lambda w: read_tokens(file), lambda w, t: check_tokens(file, t), where)
 
 
 if __name__ == "__main__":

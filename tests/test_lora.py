@@ -175,7 +175,8 @@ def test_train_py_qlora_on_a_text_corpus_trains_adapters_only_and_resumes_exactl
     the checkpoint rebuilds the same layers, and a resumed run repeats an uninterrupted one."""
     np = pytest.importorskip("numpy")
     import train
-    from prepare_data import write_tokens
+    import training
+    from data import write_tokens
     data = tmp_path / "data" / "toy"
     data.mkdir(parents=True)
     rng = np.random.default_rng(0)
@@ -199,7 +200,7 @@ def test_train_py_qlora_on_a_text_corpus_trains_adapters_only_and_resumes_exactl
     assert numbers("halves") == numbers("whole")
     evals = [v for _, _, v in numbers("whole") if v is not None]
     assert evals[-1] < evals[0]
-    model = train.model_from_checkpoint(train.load_checkpoint(tmp_path / "whole" / "ckpt.pt"))
+    model = training.model_from_checkpoint(training.load_checkpoint(tmp_path / "whole" / "ckpt.pt"))
     layer = model.transformer.h[1].mlp.c_fc
     assert isinstance(layer, gpt.LoRALinear) and isinstance(layer.base, gpt.NF4Linear)
     assert layer.lora_B.abs().sum() > 0

@@ -16,7 +16,7 @@ import prepare_data
 import sample
 import train
 from conftest import ROOT
-from prepare_data import write_tokens
+from data import write_tokens
 
 transformers = pytest.importorskip("transformers")
 VOCAB = 128
@@ -266,3 +266,19 @@ def test_float16_on_a_cpu_warns_in_one_line(capsys):
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and err.startswith("warning: float16 is for GPUs")
     assert cli.pick_dtype("float16", "cuda") == "float16" and capsys.readouterr().err == ""
+
+
+def test_scripts_import_library_modules_only():
+    """Scripts import library code, never another script: sampling does not load the trainer's
+    loop or the data pipeline."""
+    import ast
+    scripts = {"prepare_data", "train", "finetune_alpaca", "sample", "bench"}
+    for name in sorted(scripts):
+        tree = ast.parse((ROOT / f"{name}.py").read_text())
+        imported = {a.name.split(".")[0] for node in ast.walk(tree) if isinstance(node, ast.Import) for a in node.names}
+        imported |= {node.module.split(".")[0] for node in ast.walk(tree) if isinstance(node, ast.ImportFrom) and node.module}
+        assert not imported & scripts, f"{name}.py imports {sorted(imported & scripts)}"
+    r = subprocess.run([sys.executable, "-c", "import sys, sample; print(sorted(sys.modules))"], cwd=ROOT,
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert not set(eval(r.stdout)) & (scripts - {"sample"})

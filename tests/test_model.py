@@ -180,6 +180,18 @@ def test_from_pretrained_keeps_embeddings_tied(tmp_path):
     assert model.lm_head.weight.data_ptr() == model.transformer.wte.weight.data_ptr()
 
 
+def test_from_pretrained_sets_dropout_everywhere_a_fresh_model_has_it(tmp_path):
+    hf_gpt2().save_pretrained(tmp_path)
+    model = GPT.from_pretrained(tmp_path, dropout=0.25)
+    fresh = GPT(model.config)
+    assert model.config.dropout == 0.25 and GPT.from_pretrained(tmp_path).config.dropout == 0.0
+
+    def rates(m):
+        return [(n, x.p) for n, x in m.named_modules() if isinstance(x, torch.nn.Dropout)] + \
+               [(n, x.dropout) for n, x in m.named_modules() if isinstance(x, gpt.CausalSelfAttention)]
+    assert rates(model) == rates(fresh) and {p for _, p in rates(model)} == {0.25}
+
+
 # ----------------------------------------------------------------------------- generation
 
 VARIANTS = [dict(pos_emb="learned", mlp="gelu"), dict(pos_emb="rope", mlp="swiglu"),

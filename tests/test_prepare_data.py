@@ -17,7 +17,8 @@ import tiktoken
 import prepare_data
 from conftest import ROOT
 from hub_mirror import HubMirror
-from prepare_data import main, read_tokens, token_dtype, write_tokens
+from data import read_tokens, token_dtype, write_tokens
+from prepare_data import main
 
 GPT2 = tiktoken.get_encoding("gpt2")
 WORDS = ("Once upon a time there was a little girl named Lily . She loved to play , and her dog Max "
@@ -392,6 +393,10 @@ def test_bad_inputs_exit_2_with_one_line_and_write_nothing(tmp_path, capsys, hub
         (["text", f"--input={ok}", "--nosuch=1", out], "unknown option --nosuch"),
         (["shakespeare", "--url=ftp://x/y", out], "not an http(s) URL"),
         (["tinystories", out], "404"),
+        (["tinystories", out], "Without it: HF_ENDPOINT=<a mirror of the hub>; or any text of your own with "
+                               "`python prepare_data.py text --input=...`"),
+        (["shakespeare", f"--url={hub.url}/no/input.txt", out], "Without it: --url=<another copy>, or a local copy "
+                                                                 "with `python prepare_data.py text --input=input.txt"),
         (["wikitext2", out], "train-00000-of-00001.parquet: no 'text' column (it has line)"),
     ]
     for argv, message in cases:
@@ -412,3 +417,9 @@ def test_script_exits_2_without_traceback(tmp_path, argv, data, message):
                        text=True, timeout=120)
     assert r.returncode == 2 and r.stderr.count("\n") == 1 and message in r.stderr, r.stderr
     assert not (tmp_path / "data" / "text").exists() or not any((tmp_path / "data" / "text").iterdir())
+
+
+def test_the_named_datasets_are_the_ones_prepare_data_knows():
+    """train.py's hint for a missing dataset (data.read_meta) names prepare_data.py's datasets."""
+    import data
+    assert set(prepare_data.DATASETS) == {*data.NAMED_DATASETS, "text"}

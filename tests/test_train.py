@@ -15,9 +15,11 @@ import numpy as np
 import pytest
 import torch
 
+import data
 import train
+import training
+from data import write_tokens
 from gpt import GPT, GPTConfig
-from prepare_data import write_tokens
 
 ROOT = Path(__file__).resolve().parent.parent
 VOCAB = 128
@@ -88,9 +90,9 @@ def test_checkpoint_is_plain_data_and_reproduces_the_logged_val_loss(trained, da
     assert ckpt["iter"] == 60 and ckpt["config"]["n_layer"] == 2 and ckpt["tokenizer"] == "gpt2"
     _, evals = read_log(out)
     assert ckpt["best_val_loss"] == min(r["val_loss"] for r in evals)
-    model = train.model_from_checkpoint(ckpt)
-    get_batch = train.batch_loader(str(data_dir / "toy"), 4, 32, "cpu", train.DEFAULTS["seed"])
-    losses = train.evaluate(model, get_batch, 2, splits=("val",))
+    model = training.model_from_checkpoint(ckpt)
+    get_batch = data.batch_loader(str(data_dir / "toy"), 4, 32, "cpu", train.DEFAULTS["seed"])
+    losses = training.evaluate(model, get_batch, 2, splits=("val",))
     assert losses["val"] == pytest.approx(evals[-1]["val_loss"], abs=1e-5)
 
 
@@ -151,9 +153,9 @@ def test_bfloat16_autocast_runs_on_cpu(data_dir, tmp_path, capsys):
     model = GPT(GPTConfig(block_size=32, vocab_size=VOCAB, n_layer=2, n_head=2, n_embd=32))
     seen = []
     model.lm_head.register_forward_hook(lambda module, inputs, output: seen.append(output.dtype))
-    optimizer = train.make_optimizer(model, 1e-3, 0.1, (0.9, 0.95), "cpu")
-    get_batch = train.batch_loader(str(data_dir / "toy"), 4, 32, "cpu", seed=0)
-    train.train_step(model, optimizer, train.make_scaler("cpu", "bfloat16"), get_batch, 0, 1e-3, dtype="bfloat16")
+    optimizer = training.make_optimizer(model, 1e-3, 0.1, (0.9, 0.95), "cpu")
+    get_batch = data.batch_loader(str(data_dir / "toy"), 4, 32, "cpu", seed=0)
+    training.train_step(model, optimizer, training.make_scaler("cpu", "bfloat16"), get_batch, 0, 1e-3, dtype="bfloat16")
     assert seen == [torch.bfloat16] and model.lm_head.weight.dtype == torch.float32  # bf16 compute, fp32 weights
 
 
@@ -168,7 +170,7 @@ def test_float16_grad_scaler_state_is_checkpointed_and_restored(data_dir, tmp_pa
     torch.save(ckpt, tmp_path / "ckpt.pt")
     train.main(["--init_from=resume", f"--out_dir={tmp_path}", "--max_iters=3"])
     assert torch.load(tmp_path / "ckpt.pt", weights_only=True)["scaler"]["scale"] in (512.0, 1024.0)
-    assert not train.make_scaler("cpu", "bfloat16").is_enabled()
+    assert not training.make_scaler("cpu", "bfloat16").is_enabled()
 
 
 def test_best_val_loss_is_not_overwritten_by_a_worse_one(trained, tmp_path, capsys):
@@ -220,7 +222,7 @@ def test_compiled_model_checkpoints_without_orig_mod_keys(data_dir, tmp_path, mo
 
 
 def test_lr_schedule_warms_up_then_follows_a_cosine_to_min_lr():
-    lr = [train.lr_at(it, 1.0, 0.1, 10, 110) for it in range(120)]
+    lr = [training.lr_at(it, 1.0, 0.1, 10, 110) for it in range(120)]
     assert lr[0] == pytest.approx(1 / 11) and lr[9] == pytest.approx(10 / 11)
     assert lr[10] == pytest.approx(1.0) and lr[60] == pytest.approx(0.55) and lr[110:] == [0.1] * 10
     assert all(a >= b for a, b in zip(lr[10:], lr[11:]))
@@ -228,7 +230,7 @@ def test_lr_schedule_warms_up_then_follows_a_cosine_to_min_lr():
 
 def test_optimizer_decays_matrices_only_and_holds_the_tied_embedding_once():
     model = GPT(GPTConfig(block_size=16, vocab_size=VOCAB, n_layer=2, n_head=2, n_embd=32))
-    decay, no_decay = train.make_optimizer(model, 1e-3, 0.1, (0.9, 0.95), "cpu").param_groups
+    decay, no_decay = training.make_optimizer(model, 1e-3, 0.1, (0.9, 0.95), "cpu").param_groups
     assert decay["weight_decay"] == 0.1 and no_decay["weight_decay"] == 0.0
     names = {id(p): n for n, p in model.named_parameters()}  # named_parameters() lists the tied matrix once
     matrices = sorted(n for n, p in model.named_parameters() if p.dim() == 2)
@@ -238,7 +240,7 @@ def test_optimizer_decays_matrices_only_and_holds_the_tied_embedding_once():
 
 
 def test_batches_are_windows_of_the_data_fixed_by_their_key(data_dir):
-    get_batch = train.batch_loader(str(data_dir / "toy"), 4, 32, "cpu", seed=1)
+    get_batch = data.batch_loader(str(data_dir / "toy"), 4, 32, "cpu", seed=1)
     x, y = get_batch("train", 7, 3)
     assert torch.equal(x, get_batch("train", 7, 3)[0]) and not torch.equal(x, get_batch("train", 7, 2)[0])
     assert torch.equal(x[:, 1:], y[:, :-1])
@@ -248,9 +250,9 @@ def test_batches_are_windows_of_the_data_fixed_by_their_key(data_dir):
 
 def test_interrupted_save_leaves_the_previous_checkpoint_whole(tmp_path):
     path = tmp_path / "ckpt.pt"
-    train.save_checkpoint(path, {"iter": 1, "w": torch.ones(3)})
+    training.save_checkpoint(path, {"iter": 1, "w": torch.ones(3)})
     with pytest.raises(Exception):
-        train.save_checkpoint(path, {"iter": 2, "bad": lambda: 0})  # fails while writing
+        training.save_checkpoint(path, {"iter": 2, "bad": lambda: 0})  # fails while writing
     assert torch.load(path, weights_only=True)["iter"] == 1
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt.pt"]  # no temporary file left behind
 
@@ -260,9 +262,9 @@ def test_every_file_is_written_through_one_fsynced_atomic_write(tmp_path, monkey
     synced = []
     real_fsync = os.fsync
     monkeypatch.setattr(os, "fsync", lambda fd: synced.append(os.readlink(f"/proc/self/fd/{fd}")) or real_fsync(fd))
-    train.save_checkpoint(tmp_path / "ckpt.pt", {"iter": 1})
+    training.save_checkpoint(tmp_path / "ckpt.pt", {"iter": 1})
     model = GPT(GPTConfig(n_layer=1, n_head=2, n_embd=8, block_size=8, vocab_size=16))
-    gpt.save_pretrained(model, tmp_path / "hf")
+    model.save_pretrained(tmp_path / "hf")
     gpt.apply_lora(model, 2, 4.0)
     gpt.save_adapter(model, tmp_path / "adapter", base_model="gpt2")
     write_tokens(tmp_path / "x.bin", np.arange(10), 16)
@@ -278,7 +280,7 @@ def test_sample_py_resumes_from_the_checkpoint(trained, capsys):
     out, _ = trained
     sample.main(["--init_from=resume", f"--out_dir={out}", "--start=A", "--max_new_tokens=6", "--temperature=0",
                  "--device=cpu", "--dtype=float32"])
-    model = train.model_from_checkpoint(torch.load(out / "ckpt.pt", weights_only=True)).eval()
+    model = training.model_from_checkpoint(torch.load(out / "ckpt.pt", weights_only=True)).eval()
     enc = get_tokenizer("gpt2")
     ids = enc.encode("A")
     for _ in range(6):  # greedy, recomputing the whole sequence each time
@@ -292,12 +294,12 @@ def test_init_from_a_hugging_face_directory_starts_from_its_weights(data_dir, tm
     base.save_pretrained(tmp_path / "hf")
     train.main([*TINY, f"--data_dir={data_dir}", f"--out_dir={tmp_path / 'out'}", f"--init_from={tmp_path / 'hf'}",
                 "--dropout=0.1", "--max_iters=0"])
-    get_batch = train.batch_loader(str(data_dir / "toy"), 4, 32, "cpu", train.DEFAULTS["seed"])
-    expected = train.evaluate(base, get_batch, 2)["val"]
+    get_batch = data.batch_loader(str(data_dir / "toy"), 4, 32, "cpu", train.DEFAULTS["seed"])
+    expected = training.evaluate(base, get_batch, 2)["val"]
     assert read_log(tmp_path / "out")[1][0]["val_loss"] == pytest.approx(expected, abs=1e-5)
     ckpt = torch.load(tmp_path / "out" / "ckpt.pt", weights_only=True)
     assert ckpt["model_args"]["block_size"] == 64 and ckpt["model_args"]["dropout"] == 0.1
-    assert train.model_from_checkpoint(ckpt).transformer.h[0].mlp.dropout.p == 0.1
+    assert training.model_from_checkpoint(ckpt).transformer.h[0].mlp.dropout.p == 0.1
 
 
 def test_wandb_gets_the_numbers_when_asked(data_dir, tmp_path, monkeypatch, capsys):
@@ -359,7 +361,7 @@ def test_a_stop_just_before_an_evaluation_runs_it_on_resume(trained, data_dir, t
     out = tmp_path / "run"
     shutil.copytree(trained[0], out)  # stands for a run stopped by a signal at iteration 60, before its evaluation
     ckpt = torch.load(out / "ckpt.pt", weights_only=True)
-    train.save_checkpoint(out / "ckpt.pt", {**ckpt, "evaluated": False})
+    training.save_checkpoint(out / "ckpt.pt", {**ckpt, "evaluated": False})
     train.main(["--init_from=resume", f"--out_dir={out}", "--max_iters=61"])
     _, evals = read_log(out)
     assert [r["iter"] for r in evals] == [0, 30, 60, 60, 61]
@@ -397,3 +399,23 @@ def test_sigterm_under_torchrun_stops_every_process_at_one_iteration(data_dir, t
     assert [r["iter"] for r in resumed[0]] == list(range(12))
     assert [r["loss"] for r in resumed[0]] == [r["loss"] for r in whole[0]]
     assert [r["val_loss"] for r in resumed[1]] == [r["val_loss"] for r in whole[1]]
+
+
+def test_loss_png_panels_share_the_iteration_axis(tmp_path, monkeypatch):
+    """Steps are logged every log_interval (the last at 180 here), evaluations at the end (200):
+    every panel spans the run to its end, the learning rate's too."""
+    from matplotlib.figure import Figure
+    log = tmp_path / "log.jsonl"
+    with open(log, "w") as f:
+        for it in range(0, 200, 20):
+            f.write(json.dumps({"iter": it, "loss": 5 - it / 100, "lr": 1e-3, "tokens_per_s": 1e3, "mem": 100}) + "\n")
+        for it in (0, 100, 200):
+            f.write(json.dumps({"iter": it, "train_loss": 4.0, "val_loss": 4.1}) + "\n")
+    figures = []
+    save = Figure.savefig
+    monkeypatch.setattr(Figure, "savefig", lambda fig, *a, **k: figures.append(fig) or save(fig, *a, **k))
+    training.plot_log(log, tmp_path / "loss.png")
+    (fig,) = figures
+    limits = {ax.get_title(): ax.get_xlim() for ax in fig.axes}
+    assert set(limits) == {"loss", "learning rate", "tokens/s", "peak memory (MB)"}
+    assert len(set(limits.values())) == 1 and limits["learning rate"][1] >= 200

@@ -1,0 +1,176 @@
+"""The data formats the scripts share: token shards, the batches drawn from them, meta.json, and
+the Alpaca prompt. prepare_data.py writes shards, train.py reads them; finetune_alpaca.py trains on
+the prompt and sample.py --instruction builds the same one.
+
+A shard is llm.c's format: a header of 256 int32 (magic, version, token count), then the tokens,
+uint16 when the vocabulary fits, else uint32, little-endian.
+"""
+import hashlib
+import json
+import os
+from contextlib import contextmanager
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from cli import fail
+from gpt import atomic_write
+
+# ----------------------------------------------------------------------------- shard format
+
+HEADER_INTS = 256
+HEADER_BYTES = HEADER_INTS * 4
+# llm.c's (magic, version) for each token width; the magic alone tells the width
+FORMATS = {np.dtype(np.uint16): (20240520, 1), np.dtype(np.uint32): (20240801, 7)}
+MAX_TOKENS = 2**31 - 1  # the count is an int32
+
+
+def token_dtype(vocab_size):
+    """uint16 when every id fits (< 65536), else uint32."""
+    return np.dtype(np.uint16 if vocab_size <= 2**16 else np.uint32)
+
+
+def _header(dtype, count):
+    header = np.zeros(HEADER_INTS, dtype="<i4")
+    header[0], header[1] = FORMATS[dtype]
+    header[2] = count
+    return header.tobytes()
+
+
+@contextmanager
+def shard_writer(path, vocab_size):
+    """Write a shard in pieces: `with shard_writer(p, n) as write: write(tokens); ...`.
+    The tokens go behind a header whose count is filled in at the end, through atomic_write:
+    only a complete file takes the name p, and an error (or Ctrl-C) leaves nothing behind."""
+    path, dtype = Path(path), token_dtype(vocab_size)
+    count = 0
+
+    def write(tokens):
+        nonlocal count
+        tokens = np.asarray(tokens)
+        if tokens.size and not 0 <= int(tokens.min()) <= int(tokens.max()) < vocab_size:
+            raise ValueError(f"{path}: token ids must lie in [0, {vocab_size}), "
+                             f"got {int(tokens.min())}..{int(tokens.max())}")
+        count += tokens.size
+        if count > MAX_TOKENS:
+            raise ValueError(f"{path}: more than {MAX_TOKENS} tokens do not fit the header's int32 count")
+        f.write(tokens.astype(dtype.newbyteorder("<"), copy=False).tobytes())
+
+    with atomic_write(path) as f:
+        f.write(_header(dtype, 0))
+        yield write
+        f.seek(0)
+        f.write(_header(dtype, count))
+
+
+def write_tokens(path, tokens, vocab_size):
+    """Write a whole shard at once."""
+    with shard_writer(path, vocab_size) as write:
+        write(tokens)
+
+
+def read_tokens(path):
+    """The tokens of a shard as a read-only np.memmap, after checking that the file is one:
+    known magic and version, and a length that matches the header's token count exactly."""
+    path = Path(path)
+    size = path.stat().st_size
+    if size < HEADER_BYTES:
+        raise ValueError(f"{path}: {size} bytes is too short for the {HEADER_BYTES}-byte header of a token shard")
+    header = np.fromfile(path, dtype="<i4", count=HEADER_INTS)
+    magic, version, count = (int(x) for x in header[:3])
+    dtype = next((d for d, (m, _) in FORMATS.items() if m == magic), None)
+    if dtype is None:
+        raise ValueError(f"{path}: not a token shard (magic {magic}, expected "
+                         f"{' or '.join(str(m) for m, _ in FORMATS.values())})")
+    if version != FORMATS[dtype][1]:
+        raise ValueError(f"{path}: version {version} does not go with magic {magic} (expected {FORMATS[dtype][1]})")
+    expected = HEADER_BYTES + count * dtype.itemsize
+    if count < 0 or size != expected:
+        fault = "truncated" if size < expected else "longer than its header says (an unfinished write?)"
+        raise ValueError(f"{path}: the header promises {count} {dtype.name} tokens ({expected} bytes) but the "
+                         f"file has {size} bytes: {fault}")
+    if count == 0:
+        return np.zeros(0, dtype=dtype.newbyteorder("<"))
+    return np.memmap(path, dtype=dtype.newbyteorder("<"), mode="r", offset=HEADER_BYTES, shape=(count,))
+
+
+# ----------------------------------------------------------------------------- batches
+
+# the datasets prepare_data.py knows by name (besides `text`, any local files)
+NAMED_DATASETS = ("tinystories", "shakespeare", "wikitext103", "wikitext2")
+
+
+def seed_for(*key):
+    """A 63-bit seed from any key like (seed, "train", iteration, index); the same in every process
+    and every Python (unlike hash(), which is salted for strings)."""
+    digest = hashlib.blake2b(repr(key).encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") >> 1
+
+
+def batch_loader(folder, batch_size, block_size, device, seed):
+    """get_batch(split, key, index) -> (x, y), each (batch_size, block_size): windows of the split's
+    tokens at offsets drawn from a generator seeded by (seed, split, key, index). key is the
+    iteration for training batches and "eval" for the fixed evaluation batches."""
+    def get_batch(split, key, index):
+        # opened per batch, as nanoGPT does: a long-lived memmap lets touched pages pile up in RSS
+        tokens = read_tokens(os.path.join(folder, f"{split}.bin"))
+        gen = torch.Generator().manual_seed(seed_for(seed, split, key, index))
+        starts = torch.randint(len(tokens) - block_size, (batch_size,), generator=gen).tolist()
+        rows = torch.from_numpy(np.stack([tokens[s:s + block_size + 1] for s in starts]).astype(np.int64))
+        x, y = rows[:, :-1].contiguous(), rows[:, 1:].contiguous()
+        if device.startswith("cuda"):  # page-locked memory lets the copy overlap with compute
+            return x.pin_memory().to(device, non_blocking=True), y.pin_memory().to(device, non_blocking=True)
+        return x.to(device), y.to(device)
+    return get_batch
+
+
+def read_meta(folder, block_size):
+    """meta.json of a prepared dataset, after checking it and that both shards are there and long enough."""
+    path = os.path.join(folder, "meta.json")
+    name = os.path.basename(folder)
+    try:
+        with open(path) as f:
+            meta = json.load(f)
+    except FileNotFoundError:
+        how = (f"python prepare_data.py {name}" if name in NAMED_DATASETS else
+               f"python prepare_data.py text --input=your.txt --out_dir={folder}")
+        fail(f"no dataset in {folder} (meta.json is missing): prepare one with `{how}` or point "
+             f"--data_dir/--dataset at it")
+    except (OSError, ValueError) as e:
+        fail(f"cannot read {path}: {e}; prepare the dataset again with prepare_data.py")
+    vocab_size = meta.get("vocab_size") if isinstance(meta, dict) else None
+    if not isinstance(meta, dict) or not isinstance(meta.get("tokenizer"), str):
+        fail(f"{path} names no tokenizer: prepare the dataset again with prepare_data.py")
+    if isinstance(vocab_size, bool) or not isinstance(vocab_size, int) or vocab_size < 1:
+        fail(f"{path}: vocab_size must be a positive int, got {vocab_size!r}; prepare the dataset again")
+    for split in ("train", "val"):
+        try:
+            count = len(read_tokens(os.path.join(folder, f"{split}.bin")))
+        except (OSError, ValueError) as e:
+            fail(f"{split} split of {folder}: {e}")
+        if count <= block_size:
+            fail(f"the {split} split of {folder} has {count} tokens: too few for --block_size={block_size}")
+    return meta
+
+
+# ----------------------------------------------------------------------------- the Alpaca prompt
+
+# Stanford Alpaca's templates (github.com/tatsu-lab/stanford_alpaca, train.py's PROMPT_DICT), verbatim
+PROMPT_WITH_INPUT = (
+    "Below is an instruction that describes a task, paired with an input that provides further context. "
+    "Write a response that appropriately completes the request.\n\n"
+    "### Instruction:\n{instruction}\n\n### Input:\n{input}\n\n### Response:"
+)
+PROMPT_NO_INPUT = (
+    "Below is an instruction that describes a task. "
+    "Write a response that appropriately completes the request.\n\n"
+    "### Instruction:\n{instruction}\n\n### Response:"
+)
+RESPONSE_SEPARATOR = "\n"  # between "### Response:" and the response; part of the prompt
+
+
+def alpaca_prompt(instruction, input=""):
+    """Everything the model reads before the response, in training and at inference."""
+    template = PROMPT_WITH_INPUT if input else PROMPT_NO_INPUT
+    return template.format(instruction=instruction, input=input) + RESPONSE_SEPARATOR
