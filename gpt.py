@@ -1,6 +1,6 @@
 """GPT-2 in one file, to be read top to bottom.
 
-    config -> layers -> model -> generation -> tokenizer -> downloads -> safetensors -> GPT-2 weights
+    config -> layers -> model -> generation -> downloads -> tokenizer -> safetensors -> GPT-2 weights
            -> nf4 (4-bit weights) -> lora (low-rank adapters; on nf4 weights, QLoRA)
 
 The defaults are OpenAI's GPT-2 exactly (learned positions, tanh GELU, pre-norm LayerNorm, tied
@@ -309,20 +309,6 @@ def sample_next(logits, temperature=1.0, top_k=None, top_p=None):
     return torch.multinomial(logits.softmax(dim=-1), num_samples=1)
 
 
-# ----------------------------------------------------------------------------- tokenizer
-
-def get_tokenizer(name="gpt2"):
-    """A tiktoken encoding: gpt2 (GPT-2's BPE, 50257 ids) or e.g. cl100k_base (100k ids). tiktoken
-    fetches its BPE file on first use; an unknown name is a ValueError, a failed fetch a DownloadError."""
-    try:
-        return tiktoken.get_encoding(name)
-    except ValueError:
-        raise ValueError(f"unknown tokenizer {name!r}: choose one of {', '.join(tiktoken.list_encoding_names())}") from None
-    except OSError as e:  # requests' errors are OSErrors too
-        raise DownloadError(f"tiktoken could not fetch the {name} BPE file ({type(e).__name__}); without a network, "
-                            "set TIKTOKEN_CACHE_DIR to a folder that holds it") from None
-
-
 # ----------------------------------------------------------------------------- downloads
 
 @contextmanager
@@ -434,6 +420,20 @@ def file_sha256(path):
         while chunk := f.read(1 << 22):
             h.update(chunk)
     return h.hexdigest()
+
+
+# ----------------------------------------------------------------------------- tokenizer
+
+def get_tokenizer(name="gpt2"):
+    """A tiktoken encoding: gpt2 (GPT-2's BPE, 50257 ids) or e.g. cl100k_base (100k ids). tiktoken
+    fetches its BPE file on first use; an unknown name is a ValueError, a failed fetch a DownloadError."""
+    try:
+        return tiktoken.get_encoding(name)
+    except ValueError:
+        raise ValueError(f"unknown tokenizer {name!r}: choose one of {', '.join(tiktoken.list_encoding_names())}") from None
+    except OSError as e:  # requests' errors are OSErrors too
+        raise DownloadError(f"tiktoken could not fetch the {name} BPE file ({type(e).__name__}); without a network, "
+                            "set TIKTOKEN_CACHE_DIR to a folder that holds it") from None
 
 
 # ----------------------------------------------------------------------------- safetensors

@@ -2,6 +2,7 @@
 import json
 import math
 import struct
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -488,3 +489,30 @@ def test_tokenizer_names_and_fetch_failures(monkeypatch):
     monkeypatch.setattr(tiktoken, "get_encoding", offline)
     with pytest.raises(gpt.DownloadError, match="TIKTOKEN_CACHE_DIR"):
         gpt.get_tokenizer("gpt2")
+
+
+def test_gpt_py_reads_in_order():
+    """Each section of gpt.py (opened by a `# ---- name` line, in the order its docstring gives)
+    uses only names defined in itself or above; only methods may call down, as GPT's
+    from_pretrained and save_pretrained do into the GPT-2 weights section."""
+    import ast
+    import re
+    source = Path(gpt.__file__).read_text()
+    starts = [(i + 1, m.group(1)) for i, line in enumerate(source.splitlines())
+              if (m := re.match(r"# -{20,} (\S.*)$", line))]
+    order = [name for _, name in starts]
+    assert " -> ".join(order[:3]) in gpt.__doc__ and order[-1] in gpt.__doc__.split("->")[-1]
+
+    def section(lineno):
+        return [name for start, name in starts if start <= lineno][-1]
+    tree = ast.parse(source)
+    defined = {}
+    for node in tree.body:
+        targets = [node.name] if isinstance(node, (ast.FunctionDef, ast.ClassDef)) else \
+            [t.id for t in getattr(node, "targets", []) if isinstance(t, ast.Name)]
+        defined.update((name, section(node.lineno)) for name in targets)
+    calls_down = {("GPT", "load_pretrained"), ("GPT", "write_pretrained")}
+    later = [(node.name if hasattr(node, "name") else node.lineno, use.id) for node in tree.body
+             for use in ast.walk(node) if isinstance(use, ast.Name) and use.id in defined
+             and order.index(defined[use.id]) > order.index(section(node.lineno))]
+    assert set(later) == calls_down
