@@ -1,6 +1,17 @@
 """The notebooks run top to bottom, offline, as a reader would run them: a cell that raises fails
-its notebook. They run in memory; the committed files (with their outputs) are never rewritten."""
+its notebook, and so does a cell whose printed output is not the committed one (the outputs on
+GitHub must be the ones this code gives). They run in memory; the committed files are never rewritten.
+
+To refresh a notebook's outputs after a change, run it as this test does (one thread, no GPT-2
+download cached; without a network, TIKTOKEN_CACHE_DIR set as conftest.py sets it), from notebooks/:
+
+    OMP_NUM_THREADS=1 GPT2REF_CACHE=$(mktemp -d) jupyter nbconvert --to notebook --execute --inplace \
+        --ExecutePreprocessor.record_timing=False NN_name.ipynb
+"""
+import copy
+import difflib
 import json
+import re
 import sys
 from pathlib import Path
 
@@ -10,6 +21,62 @@ from nbclient import NotebookClient
 
 ROOT = Path(__file__).resolve().parent.parent
 NOTEBOOKS = sorted((ROOT / "notebooks").glob("*.ipynb"))
+
+# What legitimately differs between two runs of the same notebook on the same machine, found by
+# executing every notebook twice and diffing the outputs. Each pattern is replaced, on both the
+# committed and the fresh side, by a placeholder; any other difference, down to one digit, fails.
+NOISE = [
+    # tempfile's random names, tmp + 8 of [a-z0-9_], and the temp folder before them:
+    # "/tmp/tmp8e4x4zwh/stories/train.bin" (notebook 1), "full fine-tune of /tmp/tmpxgi2cexk/base" (9)
+    (re.compile(r"[^\s'\"]*/tmp[a-z0-9_]{8}(?![a-z0-9_])"), "<tmpdir>"),
+    # wall-clock time of a training step in finetune_alpaca's log (notebook 9): "245.2 ms/iter"
+    (re.compile(r"\d[\d,]*(?:\.\d+)? ms/iter"), "<t> ms/iter"),
+    # the throughput derived from it: "824 tokens/s"
+    (re.compile(r"\d[\d,]* tokens/s"), "<n> tokens/s"),
+    # the process's peak resident memory in the same log line, which moves by a few MB: "mem 780 MB"
+    (re.compile(r"mem \d[\d,]* MB"), "mem <n> MB"),
+    # KV-cache speed-ups measured with perf_counter (notebook 5): "speed-up: 16: 1.3x, 64: 1.7x, ..."
+    (re.compile(r"(\d+): \d+\.\dx"), r"\1: <f>x"),
+]
+
+
+def normalize(text):
+    for pattern, placeholder in NOISE:
+        text = pattern.sub(placeholder, text)
+    return text
+
+
+def printed(cell):
+    """A code cell's text outputs as lines, normalized. Figures (image/png) are left out, their
+    text/plain ("<Figure size 700x300 with 1 Axes>") is kept. Consecutive stream outputs are joined:
+    where the kernel cuts one cell's stdout into messages depends on timing, not on the code."""
+    parts = []
+    for out in cell.get("outputs", []):
+        if out.output_type == "stream":
+            if parts and parts[-1][0] == out.name:
+                parts[-1][1] += out.text
+            else:
+                parts.append([out.name, out.text])
+        elif out.output_type in ("execute_result", "display_data"):
+            parts.append([out.output_type, out.get("data", {}).get("text/plain", "")])
+        else:  # "error"
+            parts.append([out.output_type, f"{out.get('ename')}: {out.get('evalue')}"])
+    return [f"[{kind}] {line}" for kind, text in parts for line in normalize(text).splitlines()]
+
+
+def output_mismatches(name, committed, executed, context=2, max_lines=24):
+    """One message per code cell whose printed output differs: the notebook, the cell and a short diff."""
+    messages = []
+    for index, (old, new) in enumerate(zip(committed.cells, executed.cells)):
+        if old.cell_type != "code":
+            continue
+        before, after = printed(old), printed(new)
+        if before != after:
+            diff = list(difflib.unified_diff(before, after, "committed", "executed", n=context, lineterm=""))
+            if len(diff) > max_lines:
+                diff = diff[:max_lines] + [f"... ({len(diff) - max_lines} more diff lines)"]
+            messages.append(f"{name}, cell {index} (In [{old.execution_count}]):\n" + "\n".join(diff))
+    return messages
 
 
 @pytest.fixture(scope="session")
@@ -25,11 +92,27 @@ def jupyter_path(tmp_path_factory):
 
 
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.stem)
-def test_notebook_runs(path, jupyter_path, monkeypatch):
+def test_notebook_runs(path, jupyter_path, monkeypatch, tmp_path):
+    """Executed once, in memory: no cell raises, and every code cell prints what the committed
+    notebook shows, up to the run-to-run noise in NOISE."""
+    # The kernel is a child process and inherits this environment. The notebooks know nothing of
+    # the test machines: an offline tiktoken cache reaches them as TIKTOKEN_CACHE_DIR (conftest sets
+    # it when the cache is there), and an empty download cache makes "are GPT-2's weights cached?"
+    # (notebook 6) answer the same on every machine.
     monkeypatch.setenv("JUPYTER_PATH", str(jupyter_path))
-    nb = nbformat.read(path, as_version=4)
-    client = NotebookClient(nb, kernel_name="python3", timeout=120, resources={"metadata": {"path": str(path.parent)}})
+    monkeypatch.setenv("GPT2REF_CACHE", str(tmp_path / "cache"))
+    # One thread: float sums split over more threads round differently (notebook 4's "largest weight
+    # difference" changes in its 7th digit), so the outputs depend on the core count; one thread also
+    # runs these small models fastest, and does not fight the rest of a busy machine.
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    committed = nbformat.read(path, as_version=4)
+    executed = copy.deepcopy(committed)
+    client = NotebookClient(executed, kernel_name="python3", timeout=120, resources={"metadata": {"path": str(path.parent)}})
     client.execute()  # raises CellExecutionError, naming the cell, if any cell fails
+    mismatches = output_mismatches(path.name, committed, executed)
+    if mismatches:
+        pytest.fail("outputs differ from the committed ones; if the change is meant, re-execute the notebook "
+                    "(see the top of this file) and commit it:\n\n" + "\n\n".join(mismatches), pytrace=False)
 
 
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.stem)
@@ -38,6 +121,18 @@ def test_notebook_committed_with_outputs(path):
     code = [c for c in nbformat.read(path, as_version=4).cells if c.cell_type == "code"]
     assert [c.execution_count for c in code] == list(range(1, len(code) + 1))
     assert not any(o.output_type == "error" for c in code for o in c.outputs)
+
+
+def test_normalization_is_narrow():
+    """The noise patterns hide what varies between runs and nothing else: a printed number that
+    is not a timing, a memory figure or a temp path still counts."""
+    assert normalize("/tmp/tmp8e4x4zwh/stories/train.bin: 5,657 tokens") == "<tmpdir>/stories/train.bin: 5,657 tokens"
+    assert normalize("iter 10: loss 9.8797, lr 2.87e-03, 1,249.5 ms/iter, 840 tokens/s, mem 1,847 MB") == \
+        "iter 10: loss 9.8797, lr 2.87e-03, <t> ms/iter, <n> tokens/s, mem <n> MB"
+    assert normalize("speed-up: 16: 1.3x, 1023: 14.7x") == "speed-up: 16: <f>x, 1023: <f>x"
+    for kept in ("1.64M of 1.63M parameters train", "loss 10.8524", "5,657 tokens in 270 documents",
+                 "packed torch.uint8 x1179648", "4x wider", "/work/tmp_dir/out.txt", "(6, 57)"):
+        assert normalize(kept) == kept
 
 
 def test_readme_lists_every_notebook():
