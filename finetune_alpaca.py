@@ -277,16 +277,17 @@ def main(argv=None):
     optimizer = training.make_optimizer(model, lr, c.weight_decay, (c.beta1, c.beta2), device)
     scaler = training.make_scaler(device, dtype)
     log_path = os.path.join(c.out_dir, "log.jsonl")
-    start_iter, best_val_loss = training.restore_run(ckpt, optimizer, scaler, log_path)
+    start_iter, best_val_loss = training.restore_run(ckpt, model, optimizer, scaler, log_path)
 
     def checkpoint(it, evaluated=True):
-        state = training.run_state(optimizer, scaler, it, best_val_loss, cfg, model, "gpt2", log_path,
-                                script="finetune_alpaca.py", evaluated=evaluated)
+        model_state, optimizer_state = training.full_state(model, optimizer)
+        state = training.run_state(optimizer_state, scaler, it, best_val_loss, cfg, model, "gpt2", log_path,
+                                   script="finetune_alpaca.py", world_size=1, evaluated=evaluated)
         if c.lora_rank:  # the frozen base comes back from init_from: keep only what trains
             gpt.save_adapter(model, c.out_dir, base_model=c.init_from)
             state["adapter"] = {n: p.detach() for n, p in model.named_parameters() if p.requires_grad}
         else:
-            state["model"] = model.state_dict()
+            state["model"] = model_state
         training.save_checkpoint(ckpt_path, state)
 
     it = start_iter

@@ -173,6 +173,7 @@ class GPT(nn.Module):
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
         self.lm_head.weight = self.transformer.wte.weight  # tied: one matrix reads and writes tokens
         self.apply(self._init_weights)
+        self.activation_checkpointing = False  # set by the trainer: recompute each block in the backward pass
         # GPT-2 scales the layers that write into the residual stream by 1/sqrt(2 * n_layer),
         # so the stream's variance does not grow with depth (two writes per block)
         for name, p in self.named_parameters():
@@ -208,7 +209,12 @@ class GPT(nn.Module):
             rope = self.rope_cos[pos:pos + T], self.rope_sin[pos:pos + T]
         x = self.transformer.drop(x)
         for i, block in enumerate(self.transformer.h):
-            x = block(x, rope, None if caches is None else caches[i], pos)
+            if self.activation_checkpointing and torch.is_grad_enabled():
+                # keep only the block's input; its activations are recomputed when the backward pass
+                # needs them (with the same dropout masks): memory for one block's worth of compute
+                x = torch.utils.checkpoint.checkpoint(block, x, rope, None, pos, use_reentrant=False)
+            else:
+                x = block(x, rope, None if caches is None else caches[i], pos)
         return self.transformer.ln_f(x)
 
     def forward(self, idx, targets=None):

@@ -28,9 +28,10 @@ from cli import autocast, fail, pick_device, pick_dtype, run, writable_dir
 from data import batch_loader, read_meta
 from gpt import DownloadError, get_tokenizer
 from training import (agreed_stop, build_model, check_adapters, due_for_eval, eval_line, evaluate,
-                      flops_per_token, log_record, log_step, lr_at, make_optimizer, make_scaler, matmul_flops,
-                      mean_over_ranks, memory_mb, plot_log, restore_run, run_config, run_state, save_checkpoint,
-                      setup_ddp, stop_message, stop_signals, teardown_ddp, train_step)
+                      flops_per_token, full_state, log_record, log_step, lr_at, make_optimizer, make_scaler,
+                      matmul_flops, mean_over_ranks, memory_mb, memory_plan, plot_log, restore_run,
+                      resumed_accumulation, run_config, run_state, save_checkpoint, setup_ddp, shard_model,
+                      stop_message, stop_signals, teardown_ddp, train_step)
 
 # ----------------------------------------------------------------------------- defaults
 # I/O
@@ -77,6 +78,8 @@ min_lr = 6e-5             # >= 0
 device = "auto"           # auto (cuda > mps > cpu) | cpu | cuda | cuda:1 | mps
 dtype = "auto"            # auto | float32 | bfloat16 | float16 (float16 adds a GradScaler)
 compile = False           # torch.compile the model
+fsdp = False              # under torchrun, shard weights, gradients and AdamW's state over the processes (else DDP)
+activation_checkpointing = False  # recompute each block's activations in the backward pass instead of keeping them
 seed = 1337               # [0, 2**63)
 peak_flops = 0.0          # >= 0; FLOP/s that MFU is against; 0: A100 bf16 (312e12) on CUDA, a measured matmul elsewhere
 # -----------------------------------------------------------------------------
@@ -91,10 +94,17 @@ def main(argv=None):
     c = SimpleNamespace(**cfg)
     check_adapters(cfg)
     writable_dir(c.out_dir)
+    if c.fsdp and c.quantize == "nf4":
+        fail("--fsdp=True cannot shard 4-bit NF4 weights: use --quantize=none, or DDP (--fsdp=False) for QLoRA")
 
     rank, world_size, device = setup_ddp(pick_device(c.device))
+    if ckpt is not None:
+        cfg["gradient_accumulation_steps"] = c.gradient_accumulation_steps = resumed_accumulation(
+            ckpt, c.gradient_accumulation_steps, world_size)
     master = rank == 0  # only the first process writes files and prints
     dtype = pick_dtype(c.dtype, device)
+    if c.fsdp and dtype == "float16":
+        fail("--fsdp=True with float16 would need a sharded GradScaler: use --dtype=bfloat16 (or float32)")
     if device.startswith("cuda"):
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
     folder = os.path.join(c.data_dir, c.dataset)
@@ -115,12 +125,17 @@ def main(argv=None):
              if c.sample_prompt else
              f"the evaluation sample starts from <|endoftext|> (id {enc.eot_token}), beyond the model's vocabulary "
              f"of {vocab} (meta.json's vocab_size): give a --sample_prompt within it, or --sample_tokens=0")
+    model.activation_checkpointing = c.activation_checkpointing
+    sharded = c.fsdp and world_size > 1
+    step_dtype = shard_model(model, device, dtype) if sharded else dtype  # what autocast casts to
     optimizer = make_optimizer(model, c.learning_rate, c.weight_decay, (c.beta1, c.beta2), device)
     scaler = make_scaler(device, dtype)
     log_path = os.path.join(c.out_dir, "log.jsonl")
-    start_iter, best_val_loss = restore_run(ckpt, optimizer, scaler, log_path, write_files=master)
+    start_iter, best_val_loss = restore_run(ckpt, model, optimizer, scaler, log_path, write_files=master)
     fast = torch.compile(model) if c.compile else model  # checkpoints come from model: no _orig_mod. keys
-    trained = fast if world_size == 1 else DDP(fast, device_ids=[device] if device.startswith("cuda") else None)
+    trained = fast  # what the steps run: under DDP, wrapped to all-reduce the gradients
+    if world_size > 1 and not sharded:
+        trained = DDP(fast, device_ids=[device] if device.startswith("cuda") else None)
     wandb_run = None
     if c.wandb_log and master:
         import wandb
@@ -131,43 +146,57 @@ def main(argv=None):
     peak = c.peak_flops or (312e12 if device.startswith("cuda") else matmul_flops(device, dtype))
     decay_iters = c.lr_decay_iters or c.max_iters
     if master:
+        split = "FSDP" if sharded else "DDP" if world_size > 1 else "one process"
+        plan = memory_plan(model)
         print(f"{model.num_params() / 1e6:.2f}M parameters, {tokens_per_iter:,} tokens per iteration, "
-              f"{world_size} process(es) on {device}, {dtype}, peak {peak / 1e12:.3f} TFLOP/s for MFU",
-              flush=True)
+              f"{world_size} process(es) ({split}) on {device}, {dtype}, peak {peak / 1e12:.3f} TFLOP/s for MFU\n"
+              f"per process: weights {plan['weights']:,.1f} MiB, gradients {plan['gradients']:,.1f} MiB, "
+              f"AdamW state {plan['optimizer']:,.1f} MiB", flush=True)
 
     def checkpoint(it, evaluated=True):
-        save_checkpoint(ckpt_path, {"model": model.state_dict(), **run_state(
-            optimizer, scaler, it, best_val_loss, cfg, model, meta["tokenizer"], log_path, script="train.py",
-            evaluated=evaluated)})
+        """Every process takes part (FSDP gathers the shards); rank 0 writes."""
+        model_state, optimizer_state = full_state(model, optimizer)
+        if master:
+            save_checkpoint(ckpt_path, {"model": model_state, **run_state(
+                optimizer_state, scaler, it, best_val_loss, cfg, model, meta["tokenizer"], log_path,
+                script="train.py", world_size=world_size, evaluated=evaluated)})
+
+    def sample():
+        """The sample text of an evaluation, from a fixed seed, so that samples compare. Under FSDP
+        every process generates it (the forward passes gather weights), with the embeddings and
+        the head gathered by hand: generation runs past forward()."""
+        torch.manual_seed(c.seed)
+        if sharded:
+            model.unshard()
+        with autocast(device, step_dtype):
+            out = model.eval().generate(torch.tensor([prompt], device=device), c.sample_tokens, temperature=0.8,
+                                        top_k=200)
+        if sharded:
+            model.reshard()
+        model.train()
+        return enc.decode(out[0, len(prompt):].tolist())
 
     it = start_iter
     t_last, it_last = time.perf_counter(), it
     with stop_signals(announce=master) as caught:
         while True:
             if due_for_eval(it, c.eval_interval, c.max_iters, ckpt, start_iter):
-                losses = evaluate(fast, get_batch, c.eval_iters, rank, world_size, device, dtype)
+                losses = evaluate(fast, get_batch, c.eval_iters, rank, world_size, device, step_dtype)
                 best_val_loss = min(best_val_loss, losses["val"])
+                text = sample() if c.sample_tokens and (master or sharded) else ""
                 if master:
-                    text = ""
-                    if c.sample_tokens:
-                        torch.manual_seed(c.seed)  # the same draw at every evaluation, so samples compare
-                        with autocast(device, dtype):
-                            out = model.eval().generate(torch.tensor([prompt], device=device), c.sample_tokens,
-                                                        temperature=0.8, top_k=200)
-                        model.train()
-                        text = enc.decode(out[0, len(prompt):].tolist())
                     print(f"{eval_line(it, losses, best_val_loss)}, sample: {text!r}", flush=True)
                     log_record(log_path, {"iter": it, "train_loss": losses["train"], "val_loss": losses["val"],
                                           "best_val_loss": best_val_loss, "sample": text}, wandb_run)
                     plot_log(log_path, os.path.join(c.out_dir, "loss.png"))
-                    checkpoint(it)
+                checkpoint(it)
                 t_last, it_last = time.perf_counter(), it  # evaluation time is not training time
             if it >= c.max_iters:
                 break
 
             lr = lr_at(it, c.learning_rate, c.min_lr, c.warmup_iters, decay_iters)
             loss = train_step(trained, optimizer, scaler, get_batch, it, lr, grad_accum=c.gradient_accumulation_steps,
-                              rank=rank, world_size=world_size, device=device, dtype=dtype, grad_clip=c.grad_clip,
+                              rank=rank, world_size=world_size, device=device, dtype=step_dtype, grad_clip=c.grad_clip,
                               seed=c.seed)
             if it % c.log_interval == 0:
                 loss = mean_over_ranks(loss, world_size)  # waits for the step to finish: the timing is honest
@@ -181,8 +210,8 @@ def main(argv=None):
             it += 1
             stop = agreed_stop(caught, world_size, device)
             if stop and it < c.max_iters:
+                checkpoint(it, evaluated=False)
                 if master:
-                    checkpoint(it, evaluated=False)
                     print(stop_message(it, ckpt_path, "train.py", c.out_dir, world_size), flush=True)
                 if world_size > 1:
                     dist.barrier()  # no process may exit while the checkpoint is being written

@@ -14,6 +14,9 @@ from dataclasses import asdict
 
 import torch
 import torch.distributed as dist
+from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict, get_optimizer_state_dict,
+                                                     set_optimizer_state_dict)
+from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
 from cli import autocast, configure, fail
 from data import seed_for
@@ -62,8 +65,11 @@ def train_step(model, optimizer, scaler, get_batch, it, lr, *, grad_accum=1, ran
     total = torch.zeros((), device=device)
     for micro in range(grad_accum):
         index = micro * world_size + rank
-        if world_size > 1:  # all-reduce the gradients in the last backward pass only; set before the forward
-            model.require_backward_grad_sync = micro == grad_accum - 1
+        if world_size > 1:  # reduce the gradients in the last backward pass only; set before the forward
+            if hasattr(model, "set_requires_gradient_sync"):  # FSDP: reduce-scatter them into the shards
+                model.set_requires_gradient_sync(micro == grad_accum - 1)
+            else:  # DDP: all-reduce them
+                model.require_backward_grad_sync = micro == grad_accum - 1
         x, y = get_batch("train", it, index)
         torch.manual_seed(seed_for(seed, "dropout", it, index))  # the dropout masks, like the batch, follow the index
         with autocast(device, dtype):
@@ -92,15 +98,18 @@ def mean_over_ranks(value, world_size):
 def evaluate(model, get_batch, eval_iters, rank=0, world_size=1, device="cpu", dtype="float32",
              splits=("train", "val")):
     """Mean loss on the fixed batches get_batch(split, "eval", k), k < eval_iters, shared out over the
-    processes. Give it the model without its DDP wrapper: the processes may run unequal counts."""
+    processes. Give it the model without its DDP wrapper. Every process runs as many batches (the
+    last ones again, uncounted, where eval_iters does not divide): FSDP's forward is collective."""
     model.eval()
     losses = {}
     for split in splits:
         total = torch.zeros((), device=device)
-        for k in range(rank, eval_iters, world_size):
-            x, y = get_batch(split, "eval", k)
+        for k in range(rank, math.ceil(eval_iters / world_size) * world_size, world_size):
+            x, y = get_batch(split, "eval", min(k, eval_iters - 1))
             with autocast(device, dtype):
-                total += model(x, y)[1].float()
+                loss = model(x, y)[1].float()
+            if k < eval_iters:
+                total += loss
         if world_size > 1:
             dist.all_reduce(total)
         losses[split] = total.item() / eval_iters
@@ -161,6 +170,34 @@ def teardown_ddp():
         dist.destroy_process_group()
 
 
+def shard_model(model, device, dtype):
+    """FSDP (fully_shard, FSDP2): each process keeps 1/world_size of every parameter, its gradient
+    and its optimizer state, and gathers a block's whole weights just for that block's forward and
+    backward. Each block is one unit, the embeddings, final norm and tied head another (the tied
+    matrix stays one parameter). On CUDA with bfloat16 the weights are gathered in bfloat16 and the
+    gradients reduced in float32: a MixedPrecisionPolicy does what autocast does elsewhere. Returns
+    the dtype to autocast to."""
+    policy, autocast_dtype = MixedPrecisionPolicy(), dtype
+    if device.startswith("cuda") and dtype == "bfloat16":
+        policy, autocast_dtype = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32), "float32"
+    for block in model.transformer.h:
+        fully_shard(block, mp_policy=policy)
+    fully_shard(model, mp_policy=policy)
+    return autocast_dtype
+
+
+def memory_plan(model):
+    """MiB per process of the weights (parameters and buffers), their gradients and AdamW's two
+    moments, as this process holds them: whole under DDP, a 1/world_size shard under FSDP."""
+    def local(t):
+        return t.to_local() if hasattr(t, "to_local") else t  # an FSDP parameter is a DTensor
+    def mib(tensors):
+        return sum(local(t).numel() * local(t).element_size() for t in tensors) / 2 ** 20
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    weights = mib(model.parameters()) + mib(b for _, b in model.named_buffers())
+    return {"weights": weights, "gradients": mib(trainable), "optimizer": 2 * mib(trainable)}
+
+
 # ----------------------------------------------------------------------------- checkpoints
 
 def save_checkpoint(path, state):
@@ -171,11 +208,12 @@ def save_checkpoint(path, state):
 
 
 def load_checkpoint(path):
-    """A checkpoint as saved above, onto the CPU; weights_only: nothing in it can run code."""
+    """A checkpoint as saved above, onto the CPU; weights_only: nothing in it can run code. Mapped,
+    not read: the processes of a node share the pages, and each copies out only what it keeps."""
     if not os.path.exists(path):
         fail(f"no checkpoint at {path}: train first, or point --out_dir at the run to resume")
     try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+        ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     except Exception:  # torch raises several kinds, and its advice (weights_only=False) is not to be followed
         ckpt = None
     if not isinstance(ckpt, dict) or not isinstance(ckpt.get("config"), dict) or "iter" not in ckpt:
@@ -184,14 +222,25 @@ def load_checkpoint(path):
     return ckpt
 
 
-def run_state(optimizer, scaler, it, best_val_loss, cfg, model, tokenizer, log_path, *, script, evaluated=True):
+FULL = StateDictOptions(full_state_dict=True, cpu_offload=True)
+
+
+def full_state(model, optimizer):
+    """(model, optimizer) state dicts, whole, on the CPU of rank 0 (empty elsewhere), whether the
+    run is one process, DDP or FSDP: every process calls it, FSDP's shards are gathered. The
+    optimizer's state is keyed by parameter name, so a run split another way can load it."""
+    return get_model_state_dict(model, options=FULL), get_optimizer_state_dict(model, optimizer, options=FULL)
+
+
+def run_state(optimizer_state, scaler, it, best_val_loss, cfg, model, tokenizer, log_path, *, script, world_size,
+              evaluated=True):
     """What a checkpoint holds besides the weights: all it takes to go on exactly where it was
-    written. evaluated: whether iteration it's evaluation (if it has one) is done; a run stopped by
-    a signal writes its checkpoint before it."""
-    return {"optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(), "iter": it,
+    written, on any number of processes. evaluated: whether iteration it's evaluation (if it has
+    one) is done; a run stopped by a signal writes its checkpoint before it."""
+    return {"optimizer": optimizer_state, "scaler": scaler.state_dict(), "iter": it,
             "best_val_loss": best_val_loss, "config": cfg, "model_args": asdict(model.config),
             "tokenizer": tokenizer, "log_bytes": os.path.getsize(log_path), "script": script,
-            "evaluated": evaluated}
+            "world_size": world_size, "evaluated": evaluated}
 
 
 def due_for_eval(it, eval_interval, max_iters, ckpt, start_iter):
@@ -208,15 +257,34 @@ def stop_message(it, ckpt_path, script, out_dir, world_size):
             f"{launcher} {script} --init_from=resume --out_dir={out_dir}")
 
 
-def restore_run(ckpt, optimizer, scaler, log_path, write_files=True):
+def resumed_accumulation(ckpt, accumulation, world_size):
+    """gradient_accumulation_steps for a run resuming on world_size processes. A step keeps the
+    micro-batches it had (saved world size x saved accumulation), which is what makes the run go
+    on as it would have; unless the command line sets another accumulation."""
+    saved_world, saved = ckpt.get("world_size", 1), ckpt["config"]["gradient_accumulation_steps"]
+    if world_size == saved_world or accumulation != saved:
+        return accumulation
+    micro = saved_world * saved
+    if micro % world_size:
+        fits = ", ".join(str(n) for n in range(1, micro + 1) if micro % n == 0)
+        fail(f"the checkpoint's steps take {micro} micro-batches ({saved_world} process(es) x {saved}), which "
+             f"{world_size} processes cannot share evenly: resume on {fits} process(es)")
+    if not dist.is_initialized() or dist.get_rank() == 0:
+        print(f"resuming on {world_size} process(es) a run of {saved_world}: gradient_accumulation_steps "
+              f"{saved} -> {micro // world_size}, the same {micro} micro-batches per step", flush=True)
+    return micro // world_size
+
+
+def restore_run(ckpt, model, optimizer, scaler, log_path, write_files=True):
     """(start_iter, best_val_loss). A resumed run gets its optimizer and scaler back and its log cut
     back to the checkpoint (lines past it came from steps about to be redone); a fresh run in an
-    old out_dir starts a fresh log."""
+    old out_dir starts a fresh log. model is the one the optimizer steps (FSDP's, sharded: each
+    process takes its shard of the moments)."""
     if ckpt is None:
         if write_files and os.path.exists(log_path):
             os.remove(log_path)
         return 0, float("inf")
-    optimizer.load_state_dict(ckpt["optimizer"])
+    set_optimizer_state_dict(model, optimizer, ckpt["optimizer"], options=StateDictOptions(full_state_dict=True))
     if ckpt["scaler"]:  # empty when saved without float16
         scaler.load_state_dict(ckpt["scaler"])
     if write_files:

@@ -5,6 +5,7 @@ import math
 import os
 import shutil
 import signal
+import re
 import subprocess
 import sys
 import time
@@ -131,17 +132,6 @@ def test_sigkill_mid_training_resumes_from_the_last_checkpoint(data_dir, tmp_pat
     redone = [it for it in range(ckpt["iter"], end) if it in before]
     assert redone and all(before[it] == steps[it]["loss"] for it in redone)  # the redone steps, bit for bit
     assert torch.load(out / "ckpt.pt", weights_only=True)["iter"] == end
-
-
-def test_two_processes_equal_one_with_twice_the_accumulation(data_dir, tmp_path, capsys):
-    args = [*TINY, f"--data_dir={data_dir}", "--max_iters=6", "--eval_interval=3", "--dropout=0.1", "--eval_iters=3"]
-    train.main([*args, f"--out_dir={tmp_path / 'one'}", "--gradient_accumulation_steps=2"])
-    run([*args, "--gradient_accumulation_steps=1"], data_dir, tmp_path / "two", nproc=2)  # gloo
-    one, two = read_log(tmp_path / "one"), read_log(tmp_path / "two")
-    assert [r["iter"] for r in two[0]] == list(range(6)) and [r["iter"] for r in two[1]] == [0, 3, 6]
-    np.testing.assert_allclose([r["loss"] for r in two[0]], [r["loss"] for r in one[0]], rtol=0, atol=1e-5)
-    np.testing.assert_allclose([r["val_loss"] for r in two[1]], [r["val_loss"] for r in one[1]], rtol=0, atol=1e-5)
-    assert one[0][-1]["loss"] < one[0][0]["loss"]
 
 
 def test_bfloat16_autocast_runs_on_cpu(data_dir, tmp_path, capsys):
@@ -419,3 +409,95 @@ def test_loss_png_panels_share_the_iteration_axis(tmp_path, monkeypatch):
     limits = {ax.get_title(): ax.get_xlim() for ax in fig.axes}
     assert set(limits) == {"loss", "learning rate", "tokens/s", "peak memory (MB)"}
     assert len(set(limits.values())) == 1 and limits["learning rate"][1] >= 200
+
+
+# ----------------------------------------------------------------------------- FSDP, activation checkpointing, resizing
+
+SPLITS = ["--max_iters=10", "--eval_interval=5", "--lr_decay_iters=10", "--dropout=0.1", "--eval_iters=3"]
+
+
+def losses(out_dir):
+    steps, evals = read_log(out_dir)
+    return [r["loss"] for r in steps] + [r["val_loss"] for r in evals]
+
+
+@pytest.fixture(scope="module")
+def one_process(data_dir, tmp_path_factory):
+    """The reference: one process accumulating the two micro-batches of every step."""
+    out = tmp_path_factory.mktemp("one")
+    run([*SPLITS, "--gradient_accumulation_steps=2"], data_dir, out)
+    steps, evals = read_log(out)
+    assert [r["iter"] for r in steps] == list(range(10)) and [r["iter"] for r in evals] == [0, 5, 10]
+    assert steps[-1]["loss"] < steps[0]["loss"]
+    return losses(out)
+
+
+@pytest.mark.parametrize("split", ["ddp", "fsdp"])
+@pytest.mark.parametrize("checkpointing", [False, True])
+def test_fsdp_ddp_and_one_process_log_the_same_losses(data_dir, tmp_path, one_process, split, checkpointing):
+    args = [*SPLITS, f"--fsdp={split == 'fsdp'}", f"--activation_checkpointing={checkpointing}"]
+    result = run(args, data_dir, tmp_path, nproc=2)
+    assert f"2 process(es) ({split.upper()})" in result.stdout
+    steps, evals = read_log(tmp_path)
+    assert [r["iter"] for r in steps] == list(range(10)) and [r["iter"] for r in evals] == [0, 5, 10]
+    np.testing.assert_allclose(losses(tmp_path), one_process, rtol=0, atol=1e-5)
+    if checkpointing:  # and on one process, recomputing changes nothing at all
+        run([*SPLITS, "--gradient_accumulation_steps=2", "--activation_checkpointing=True"], data_dir, tmp_path / "one")
+        assert losses(tmp_path / "one") == one_process
+
+
+def test_fsdp_shards_what_each_process_holds(data_dir, tmp_path):
+    """The start-up line counts what one process holds: under FSDP about half of the whole model's
+    weights (4 bytes each), gradients (4) and AdamW moments (8)."""
+    out = run(["--max_iters=0", "--n_layer=2", "--n_embd=256", "--n_head=2", "--fsdp=True", "--sample_tokens=0"],
+              data_dir, tmp_path, nproc=2).stdout
+    line = next(line for line in out.splitlines() if line.startswith("per process:"))
+    weights, gradients, moments = (float(x) for x in re.findall(r"([\d.]+) MiB", line))
+    n = GPT(GPTConfig(block_size=32, vocab_size=VOCAB, n_layer=2, n_head=2, n_embd=256)).num_params(non_embedding=False)
+    whole = 4 * n / 2 ** 20
+    assert 0.45 * whole <= weights <= 0.55 * whole and 0.45 * whole <= gradients <= 0.55 * whole
+    assert 0.45 * 2 * whole <= moments <= 0.55 * 2 * whole
+
+
+@pytest.mark.parametrize("first,then", [(2, 1), (1, 2)])
+def test_a_run_resumes_on_another_number_of_processes(data_dir, tmp_path, one_process, first, then):
+    """Written by FSDP on 2 processes and resumed on 1 accumulating twice as much, or the other way
+    round: the resumed run logs the uninterrupted one's losses."""
+    start = [*SPLITS, "--max_iters=5", "--fsdp=True", f"--gradient_accumulation_steps={3 - first}"]
+    run(start, data_dir, tmp_path, nproc=first)
+    resumed = run(["--init_from=resume", "--max_iters=10", "--fsdp=True"], data_dir, tmp_path, tiny=False, nproc=then)
+    assert (f"resuming on {then} process(es) a run of {first}: gradient_accumulation_steps {3 - first} -> {3 - then}, "
+            f"the same 2 micro-batches per step") in resumed.stdout
+    np.testing.assert_allclose(losses(tmp_path), one_process, rtol=0, atol=1e-5)
+
+
+def test_a_resume_that_cannot_split_the_step_names_the_process_counts_that_can(data_dir, tmp_path):
+    run([*SPLITS, "--max_iters=0", "--gradient_accumulation_steps=3"], data_dir, tmp_path)
+    result = subprocess.run(command(["--init_from=resume"], data_dir, tmp_path, tiny=False, nproc=2),
+                            capture_output=True, text=True, cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"},
+                            timeout=300)
+    assert result.returncode != 0
+    assert ("error: the checkpoint's steps take 3 micro-batches (1 process(es) x 3), which 2 processes cannot share "
+            "evenly: resume on 1, 3 process(es)") in result.stderr
+
+
+def test_sigkill_in_the_middle_of_an_fsdp_checkpoint_write_leaves_the_last_one_whole(data_dir, tmp_path):
+    import psutil
+    args = ["--max_iters=100000", "--lr_decay_iters=100000", "--eval_interval=1", "--eval_iters=1", "--fsdp=True",
+            "--n_layer=4", "--n_embd=256", "--n_head=4", "--sample_tokens=0"]
+    proc = subprocess.Popen(command(args, data_dir, tmp_path, nproc=2), stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    partial = tmp_path / "ckpt.pt.tmp"
+    try:
+        deadline = time.time() + 120
+        while time.time() < deadline and not ((tmp_path / "ckpt.pt").exists() and partial.exists()):
+            time.sleep(0.001)  # a checkpoint after every step: one is being written most of the time
+        for p in [psutil.Process(proc.pid), *psutil.Process(proc.pid).children(recursive=True)]:
+            p.kill()  # torchrun and its processes, which run in a session of their own
+    finally:
+        proc.wait()
+    assert partial.exists()  # killed while writing
+    ckpt = training.load_checkpoint(tmp_path / "ckpt.pt")
+    assert ckpt["world_size"] == 2
+    run(["--init_from=resume", f"--max_iters={ckpt['iter'] + 2}"], data_dir, tmp_path, tiny=False, nproc=2)
+    assert training.load_checkpoint(tmp_path / "ckpt.pt")["iter"] == ckpt["iter"] + 2
