@@ -31,6 +31,8 @@ import time
 from types import SimpleNamespace
 
 import torch
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel as DDP
 
 import gpt
 import training
@@ -75,6 +77,8 @@ sample_tokens = 128       # >= 1; the longest of those answers
 # system
 device = "auto"           # auto (cuda > mps > cpu) | cpu | cuda | cuda:1 | mps
 dtype = "auto"            # auto | float32 | bfloat16 | float16
+fsdp = False              # under torchrun, shard weights, gradients and AdamW's state over the processes (else DDP)
+activation_checkpointing = False  # recompute each block's activations in the backward pass instead of keeping them
 seed = 1337               # [0, 2**63)
 # -----------------------------------------------------------------------------
 DEFAULTS = {k: v for k, v in globals().items() if not k.startswith("_") and isinstance(v, (int, float, str))}
@@ -143,7 +147,7 @@ def read_records(path):
     return [{"instruction": r["instruction"], "input": r.get("input", ""), "output": r["output"]} for r in records]
 
 
-def split_records(records, val_size, subset, seed):
+def split_records(records, val_size, subset, seed, announce=True):
     """(train, val): a shuffle seeded by seed, val_size records held out (0: the smaller of 500 and a
     tenth of the records, at least 1), then --subset of the rest. The held-out records do not
     depend on subset, so runs on different subsets compare."""
@@ -151,7 +155,8 @@ def split_records(records, val_size, subset, seed):
         fail(f"{len(records)} record: too few to hold any out for validation")
     if not val_size:
         val_size = max(1, min(500, len(records) // 10))
-        print(f"--val_size=0: holding out {val_size} of the {len(records)} records")
+        if announce:
+            print(f"--val_size=0: holding out {val_size} of the {len(records)} records")
     if val_size >= len(records):
         fail(f"--val_size={val_size} must be below the {len(records)} records, to leave some to train on")
     order = torch.randperm(len(records), generator=torch.Generator().manual_seed(seed_for(seed, "split")))
@@ -160,10 +165,10 @@ def split_records(records, val_size, subset, seed):
     return rest[:subset] if subset else rest, shuffled[:val_size]
 
 
-def tokenize(enc, records, max_seq_len, name):
+def tokenize(enc, records, max_seq_len, name, announce=True):
     examples = [encode_example(enc, r) for r in records]
     kept = [e for e in examples if len(e[0]) <= max_seq_len]
-    if len(kept) < len(examples):
+    if announce and len(kept) < len(examples):
         print(f"{name}: dropped {len(examples) - len(kept)} of {len(examples)} examples longer than "
               f"max_seq_len={max_seq_len} tokens")
     return kept
@@ -249,90 +254,134 @@ def main(argv=None):
         fail("fine-tuning starts from trained weights: --init_from=gpt2 (or another GPT-2, or a HF directory)")
     writable_dir(c.out_dir)
     lr = c.learning_rate or (3e-4 if c.lora_rank else 3e-5)
-    device = pick_device(c.device)
+    rank, world_size, device = training.setup_ddp(pick_device(c.device))
+    master = rank == 0  # only the first process writes files and prints
+    if ckpt is not None:
+        cfg["gradient_accumulation_steps"] = c.gradient_accumulation_steps = training.resumed_accumulation(
+            ckpt, c.gradient_accumulation_steps, world_size)
     dtype = pick_dtype(c.dtype, device)
+    training.check_fsdp(c.fsdp, c.quantize, dtype)
     try:
         enc = gpt.get_tokenizer("gpt2")
     except gpt.DownloadError as e:
         fail(str(e))
 
-    train_records, val_records = split_records(read_records(alpaca_file(c)), c.val_size, c.subset, c.seed)
-    model = prepare_model(c, ckpt, enc.n_vocab).to(device)
+    with training.rank_zero_first():  # the data and the weights are downloaded once
+        train_records, val_records = split_records(read_records(alpaca_file(c)), c.val_size, c.subset, c.seed,
+                                                   master)
+        model = prepare_model(c, ckpt, enc.n_vocab).to(device)
     max_seq_len = sequence_length(c.max_seq_len, model.config.block_size)
-    splits = {"train": tokenize(enc, train_records, max_seq_len, "train"),
-              "val": tokenize(enc, val_records, max_seq_len, "val")}
+    splits = {"train": tokenize(enc, train_records, max_seq_len, "train", master),
+              "val": tokenize(enc, val_records, max_seq_len, "val", master)}
     if len(splits["train"]) < c.batch_size or not splits["val"]:
         fail(f"{len(splits['train'])} training and {len(splits['val'])} validation examples fit in "
              f"max_seq_len={max_seq_len}: too few for --batch_size={c.batch_size}")
-    get_batch, step_tokens = batch_loader(splits, c.batch_size, c.gradient_accumulation_steps, c.mask_prompt,
-                                          enc.eot_token, device, c.seed)
+    micro_per_step = world_size * c.gradient_accumulation_steps
+    get_batch, step_tokens = batch_loader(splits, c.batch_size, micro_per_step, c.mask_prompt, enc.eot_token,
+                                          device, c.seed)
     eval_iters = min(c.eval_iters, math.ceil(len(splits["val"]) / c.batch_size),
                      math.ceil(len(splits["train"]) / c.batch_size))
     held_out = val_records[:c.eval_prompts]
 
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    mode = "full fine-tune" if not c.lora_rank else "QLoRA" if c.quantize == "nf4" else "LoRA"
-    print(f"{mode} of {c.init_from}: {trainable / 1e6:.2f}M of {model.num_params(non_embedding=False) / 1e6:.2f}M parameters train; "
-          f"{len(splits['train'])} training, {len(splits['val'])} validation examples; {device}, {dtype}")
+    total = model.num_params(non_embedding=False)
+    model.activation_checkpointing = c.activation_checkpointing
+    sharded = c.fsdp and world_size > 1
+    step_dtype = training.shard_model(model, device, dtype) if sharded else dtype  # what autocast casts to
     optimizer = training.make_optimizer(model, lr, c.weight_decay, (c.beta1, c.beta2), device)
     scaler = training.make_scaler(device, dtype)
     log_path = os.path.join(c.out_dir, "log.jsonl")
-    start_iter, best_val_loss = training.restore_run(ckpt, model, optimizer, scaler, log_path)
+    start_iter, best_val_loss = training.restore_run(ckpt, model, optimizer, scaler, log_path, write_files=master)
+    trained = model  # what the steps run: under DDP, wrapped to all-reduce the gradients
+    if world_size > 1 and not sharded:
+        trained = DDP(model, device_ids=[device] if device.startswith("cuda") else None)
+    if master:
+        mode = "full fine-tune" if not c.lora_rank else "QLoRA" if c.quantize == "nf4" else "LoRA"
+        split = "FSDP" if sharded else "DDP" if world_size > 1 else "one process"
+        print(f"{mode} of {c.init_from}: {trainable / 1e6:.2f}M of {total / 1e6:.2f}M parameters train; "
+              f"{len(splits['train'])} training, {len(splits['val'])} validation examples; "
+              f"{world_size} process(es) ({split}) on {device}, {dtype}\n{training.held_per_process(model)}")
 
     def checkpoint(it, evaluated=True):
-        model_state, optimizer_state = training.full_state(model, optimizer)
+        """Every process takes part (FSDP gathers the shards); rank 0 writes."""
+        # a LoRA run keeps only what trains: the frozen base comes back from init_from
+        model_state, optimizer_state = training.full_state(model, optimizer, trainable_only=bool(c.lora_rank))
+        if not master:
+            return
         state = training.run_state(optimizer_state, scaler, it, best_val_loss, cfg, model, "gpt2", log_path,
-                                   script="finetune_alpaca.py", world_size=1, evaluated=evaluated)
-        if c.lora_rank:  # the frozen base comes back from init_from: keep only what trains
-            gpt.save_adapter(model, c.out_dir, base_model=c.init_from)
-            state["adapter"] = {n: p.detach() for n, p in model.named_parameters() if p.requires_grad}
+                                   script="finetune_alpaca.py", world_size=world_size, evaluated=evaluated)
+        if c.lora_rank:
+            gpt.save_adapter(model, c.out_dir, base_model=c.init_from, state=model_state)
+            state["adapter"] = model_state
         else:
             state["model"] = model_state
         training.save_checkpoint(ckpt_path, state)
 
     it = start_iter
     t_last, it_last, tokens = time.perf_counter(), it, 0
-    with training.stop_signals() as caught:
+    with training.stop_signals(announce=master) as caught:
         while True:
             if training.due_for_eval(it, c.eval_interval, c.max_iters, ckpt, start_iter):
-                losses = training.evaluate(model, get_batch, eval_iters, device=device, dtype=dtype)
+                losses = training.evaluate(model, get_batch, eval_iters, rank, world_size, device, step_dtype)
                 best_val_loss = min(best_val_loss, losses["val"])
-                responses = [{**r, "response": respond(model, enc, r, c.sample_tokens, device, dtype)}
-                             for r in held_out]
-                print(training.eval_line(it, losses, best_val_loss))
-                for r in responses:
-                    print(f"  {r['instruction']!r} -> {r['response']!r}")
-                training.log_record(log_path, {"iter": it, "train_loss": losses["train"], "val_loss": losses["val"],
-                                            "best_val_loss": best_val_loss, "responses": responses})
-                training.plot_log(log_path, os.path.join(c.out_dir, "loss.png"))
+                responses = []
+                if master or sharded:  # under FSDP every process generates: the forward passes gather weights
+                    with training.gathered(model, sharded):
+                        responses = [{**r, "response": respond(model, enc, r, c.sample_tokens, device, step_dtype)}
+                                     for r in held_out]
+                if master:
+                    print(training.eval_line(it, losses, best_val_loss))
+                    for r in responses:
+                        print(f"  {r['instruction']!r} -> {r['response']!r}")
+                    training.log_record(log_path, {"iter": it, "train_loss": losses["train"],
+                                                   "val_loss": losses["val"], "best_val_loss": best_val_loss,
+                                                   "responses": responses})
+                    training.plot_log(log_path, os.path.join(c.out_dir, "loss.png"))
                 checkpoint(it)
                 t_last, it_last, tokens = time.perf_counter(), it, 0
             if it >= c.max_iters:
                 break
 
             step_lr = training.lr_at(it, lr, lr / 10, c.warmup_iters, c.max_iters)
-            loss = training.train_step(model, optimizer, scaler, get_batch, it, step_lr,
-                                       grad_accum=c.gradient_accumulation_steps, device=device, dtype=dtype,
-                                       grad_clip=c.grad_clip, seed=c.seed)
+            loss = training.train_step(trained, optimizer, scaler, get_batch, it, step_lr,
+                                       grad_accum=c.gradient_accumulation_steps, rank=rank, world_size=world_size,
+                                       device=device, dtype=step_dtype, grad_clip=c.grad_clip, seed=c.seed)
             tokens += step_tokens(it)
             if it % c.log_interval == 0:
-                loss = loss.item()
+                loss = training.mean_over_ranks(loss, world_size)
                 seconds = time.perf_counter() - t_last
                 record = {"iter": it, "loss": loss, "lr": step_lr, "tokens_per_s": tokens / seconds,
                           "ms": 1000 * seconds / (it + 1 - it_last), "mem": training.memory_mb(device)}
-                training.log_step(log_path, record)
+                if master:
+                    training.log_step(log_path, record)
                 t_last, it_last, tokens = time.perf_counter(), it + 1, 0
             it += 1
-            stop = training.agreed_stop(caught, 1, device)
+            stop = training.agreed_stop(caught, world_size, device)
             if stop and it < c.max_iters:
                 checkpoint(it, evaluated=False)
-                print(training.stop_message(it, ckpt_path, "finetune_alpaca.py", c.out_dir, 1), flush=True)
+                if master:
+                    print(training.stop_message(it, ckpt_path, "finetune_alpaca.py", c.out_dir, world_size),
+                          flush=True)
+                if world_size > 1:
+                    dist.barrier()  # no process may exit while the checkpoint is being written
+                training.teardown_ddp()
                 raise SystemExit(128 + stop)
-    print(f"done: {c.max_iters} iterations; checkpoint in {ckpt_path}, log in {log_path}")
-
+    if master:
+        print(f"done: {c.max_iters} iterations; checkpoint in {ckpt_path}, log in {log_path}")
     if c.merge:
+        write_merged(c, model, enc.n_vocab, master)
+    training.teardown_ddp()
+
+
+def write_merged(c, model, vocab_size, master):
+    """--merge=True: the trained model as a plain GPT-2 in the Hugging Face format, its adapters
+    folded in. Made on rank 0 from the gathered weights, on a fresh copy: the same under FSDP."""
+    state = training.full_model_state(model)  # every process takes part
+    if master:
+        plain = prepare_model(c, None, vocab_size)
+        plain.load_state_dict(state)
         merged_dir = os.path.join(c.out_dir, "merged")
-        gpt.merge_and_unload(model).save_pretrained(merged_dir)
+        gpt.merge_and_unload(plain).save_pretrained(merged_dir)
         print(f"wrote the merged model to {merged_dir}")
 
 

@@ -985,12 +985,14 @@ def adapter_config(model):
             "quantize": "nf4" if quantized else None, "double_quant": quantized and first.base.double_quant}
 
 
-def save_adapter(model, directory, base_model):
+def save_adapter(model, directory, base_model, state=None):
     """Write the adapter alone: adapter.safetensors (every lora_A and lora_B, a few MB) and
-    adapter.json (rank, alpha, dropout, targets, quantization and the base model's name)."""
+    adapter.json (rank, alpha, dropout, targets, quantization and the base model's name). state:
+    where the tensors are, if not in model.state_dict() (a sharded model's, gathered)."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    tensors = {name: p for name, p in model.state_dict().items() if name.endswith(LORA_SUFFIXES)}
+    state = model.state_dict() if state is None else state
+    tensors = {name: p for name, p in state.items() if name.endswith(LORA_SUFFIXES)}
     write_safetensors(directory / "adapter.safetensors", tensors, metadata={"format": "pt"})
     with atomic_write(directory / "adapter.json") as f:
         f.write((json.dumps({"base_model": str(base_model), **adapter_config(model)}, indent=2) + "\n").encode())

@@ -27,11 +27,11 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from cli import autocast, fail, pick_device, pick_dtype, run, writable_dir
 from data import batch_loader, read_meta
 from gpt import DownloadError, get_tokenizer
-from training import (agreed_stop, build_model, check_adapters, due_for_eval, eval_line, evaluate,
-                      flops_per_token, full_state, log_record, log_step, lr_at, make_optimizer, make_scaler,
-                      matmul_flops, mean_over_ranks, memory_mb, memory_plan, plot_log, restore_run,
-                      resumed_accumulation, run_config, run_state, save_checkpoint, setup_ddp, shard_model,
-                      stop_message, stop_signals, teardown_ddp, train_step)
+from training import (agreed_stop, build_model, check_adapters, check_fsdp, due_for_eval, eval_line, evaluate,
+                      flops_per_token, full_state, gathered, held_per_process, log_record, log_step, lr_at,
+                      make_optimizer, make_scaler, matmul_flops, mean_over_ranks, memory_mb, plot_log,
+                      rank_zero_first, restore_run, resumed_accumulation, run_config, run_state, save_checkpoint,
+                      setup_ddp, shard_model, stop_message, stop_signals, teardown_ddp, train_step)
 
 # ----------------------------------------------------------------------------- defaults
 # I/O
@@ -94,8 +94,6 @@ def main(argv=None):
     c = SimpleNamespace(**cfg)
     check_adapters(cfg)
     writable_dir(c.out_dir)
-    if c.fsdp and c.quantize == "nf4":
-        fail("--fsdp=True cannot shard 4-bit NF4 weights: use --quantize=none, or DDP (--fsdp=False) for QLoRA")
 
     rank, world_size, device = setup_ddp(pick_device(c.device))
     if ckpt is not None:
@@ -103,8 +101,7 @@ def main(argv=None):
             ckpt, c.gradient_accumulation_steps, world_size)
     master = rank == 0  # only the first process writes files and prints
     dtype = pick_dtype(c.dtype, device)
-    if c.fsdp and dtype == "float16":
-        fail("--fsdp=True with float16 would need a sharded GradScaler: use --dtype=bfloat16 (or float32)")
+    check_fsdp(c.fsdp, c.quantize, dtype)
     if device.startswith("cuda"):
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
     folder = os.path.join(c.data_dir, c.dataset)
@@ -116,7 +113,8 @@ def main(argv=None):
         fail(str(e))
     prompt = enc.encode(c.sample_prompt, allowed_special={"<|endoftext|>"}) if c.sample_prompt else [enc.eot_token]
 
-    model = build_model(c, meta["vocab_size"], ckpt).to(device)
+    with rank_zero_first():  # GPT-2's weights are downloaded once
+        model = build_model(c, meta["vocab_size"], ckpt).to(device)
     if c.block_size > model.config.block_size:
         fail(f"--block_size={c.block_size} is longer than the model's context of {model.config.block_size}")
     vocab = model.config.vocab_size
@@ -147,11 +145,9 @@ def main(argv=None):
     decay_iters = c.lr_decay_iters or c.max_iters
     if master:
         split = "FSDP" if sharded else "DDP" if world_size > 1 else "one process"
-        plan = memory_plan(model)
         print(f"{model.num_params() / 1e6:.2f}M parameters, {tokens_per_iter:,} tokens per iteration, "
               f"{world_size} process(es) ({split}) on {device}, {dtype}, peak {peak / 1e12:.3f} TFLOP/s for MFU\n"
-              f"per process: weights {plan['weights']:,.1f} MiB, gradients {plan['gradients']:,.1f} MiB, "
-              f"AdamW state {plan['optimizer']:,.1f} MiB", flush=True)
+              f"{held_per_process(model)}", flush=True)
 
     def checkpoint(it, evaluated=True):
         """Every process takes part (FSDP gathers the shards); rank 0 writes."""
@@ -163,16 +159,11 @@ def main(argv=None):
 
     def sample():
         """The sample text of an evaluation, from a fixed seed, so that samples compare. Under FSDP
-        every process generates it (the forward passes gather weights), with the embeddings and
-        the head gathered by hand: generation runs past forward()."""
+        every process generates it: the forward passes gather weights from all of them."""
         torch.manual_seed(c.seed)
-        if sharded:
-            model.unshard()
-        with autocast(device, step_dtype):
+        with gathered(model, sharded), autocast(device, step_dtype):
             out = model.eval().generate(torch.tensor([prompt], device=device), c.sample_tokens, temperature=0.8,
                                         top_k=200)
-        if sharded:
-            model.reshard()
         model.train()
         return enc.decode(out[0, len(prompt):].tolist())
 

@@ -170,6 +170,38 @@ def teardown_ddp():
         dist.destroy_process_group()
 
 
+def check_fsdp(fsdp, quantize, dtype):
+    if fsdp and quantize == "nf4":
+        fail("--fsdp=True cannot shard 4-bit NF4 weights: use --quantize=none, or DDP (--fsdp=False) for QLoRA")
+    if fsdp and dtype == "float16":
+        fail("--fsdp=True with float16 would need a sharded GradScaler: use --dtype=bfloat16 (or float32)")
+
+
+@contextmanager
+def rank_zero_first():
+    """Rank 0 runs what is inside first (downloads into the shared cache), then the other processes,
+    which find the files there."""
+    others_wait = dist.is_initialized() and dist.get_rank() != 0
+    if others_wait:
+        dist.barrier()
+    yield
+    if dist.is_initialized() and not others_wait:
+        dist.barrier()
+
+
+@contextmanager
+def gathered(model, sharded):
+    """Generation runs past forward(), whose hooks gather an FSDP model's weights: gather the
+    top-level unit (embeddings, final norm, head) by hand; the blocks gather their own."""
+    if sharded:
+        model.unshard()
+    try:
+        yield model
+    finally:
+        if sharded:
+            model.reshard()
+
+
 def shard_model(model, device, dtype):
     """FSDP (fully_shard, FSDP2): each process keeps 1/world_size of every parameter, its gradient
     and its optimizer state, and gathers a block's whole weights just for that block's forward and
@@ -186,16 +218,17 @@ def shard_model(model, device, dtype):
     return autocast_dtype
 
 
-def memory_plan(model):
-    """MiB per process of the weights (parameters and buffers), their gradients and AdamW's two
-    moments, as this process holds them: whole under DDP, a 1/world_size shard under FSDP."""
+def held_per_process(model):
+    """The line saying what this process holds, in MiB: the weights (parameters and buffers), their
+    gradients and AdamW's two moments; whole under DDP, a 1/world_size shard of each under FSDP."""
     def local(t):
         return t.to_local() if hasattr(t, "to_local") else t  # an FSDP parameter is a DTensor
     def mib(tensors):
         return sum(local(t).numel() * local(t).element_size() for t in tensors) / 2 ** 20
     trainable = [p for p in model.parameters() if p.requires_grad]
     weights = mib(model.parameters()) + mib(b for _, b in model.named_buffers())
-    return {"weights": weights, "gradients": mib(trainable), "optimizer": 2 * mib(trainable)}
+    return (f"per process: weights {weights:,.1f} MiB, gradients {mib(trainable):,.1f} MiB, "
+            f"AdamW state {2 * mib(trainable):,.1f} MiB")
 
 
 # ----------------------------------------------------------------------------- checkpoints
@@ -225,11 +258,22 @@ def load_checkpoint(path):
 FULL = StateDictOptions(full_state_dict=True, cpu_offload=True)
 
 
-def full_state(model, optimizer):
+def full_model_state(model):
+    """The model's state dict, whole, on the CPU of rank 0 (see full_state)."""
+    return get_model_state_dict(model, options=FULL)
+
+
+def full_state(model, optimizer, trainable_only=False):
     """(model, optimizer) state dicts, whole, on the CPU of rank 0 (empty elsewhere), whether the
     run is one process, DDP or FSDP: every process calls it, FSDP's shards are gathered. The
-    optimizer's state is keyed by parameter name, so a run split another way can load it."""
-    return get_model_state_dict(model, options=FULL), get_optimizer_state_dict(model, optimizer, options=FULL)
+    optimizer's state is keyed by parameter name, so a run split another way can load it.
+    trainable_only: the model's trainable parameters alone (a LoRA run's adapters)."""
+    options = StateDictOptions(full_state_dict=True, cpu_offload=True, ignore_frozen_params=trainable_only)
+    model_state = get_model_state_dict(model, options=options)
+    if trainable_only:  # the frozen embedding's tied twin, lm_head.weight, is not left out by the option
+        trainable = {name for name, p in model.named_parameters() if p.requires_grad}
+        model_state = {name: t for name, t in model_state.items() if name in trainable}
+    return model_state, get_optimizer_state_dict(model, optimizer, options=FULL)
 
 
 def run_state(optimizer_state, scaler, it, best_val_loss, cfg, model, tokenizer, log_path, *, script, world_size,

@@ -316,3 +316,32 @@ def test_a_failed_download_says_what_to_do_instead(hub, capsys, tmp_path, monkey
         fa.alpaca_file(missing)
     err = capsys.readouterr().err
     assert e.value.code == 2 and "404" in err and "Without it: a local copy with --data_path=file.json, or another --alpaca_url" in err
+
+
+def test_lora_under_fsdp_on_two_processes_equals_one_process(hub, tmp_path):
+    """torchrun with 2 processes, FSDP (and activation checkpointing) against 1 process accumulating
+    the same 2 micro-batches per step: the same losses, responses and adapter."""
+    finetune(tmp_path / "one", *MODES["lora"])
+    args = [f"--out_dir={tmp_path / 'two'}", "--init_from=gpt2", "--max_iters=6", "--eval_interval=3",
+            "--log_interval=1", "--batch_size=4", "--gradient_accumulation_steps=1", "--val_size=6", "--eval_iters=2",
+            "--eval_prompts=2", "--sample_tokens=6", "--max_seq_len=128", "--warmup_iters=2", "--lora_dropout=0.1",
+            "--device=cpu", "--dtype=float32", "--merge=True", "--fsdp=True", "--activation_checkpointing=True",
+            *MODES["lora"]]
+    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                             str(ROOT / "finetune_alpaca.py"), *args], capture_output=True, text=True, cwd=ROOT,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "2 process(es) (FSDP)" in result.stdout and result.stdout.count("done: 6 iterations") == 1
+    one, two = log_without_timing(tmp_path / "one" / "log.jsonl"), log_without_timing(tmp_path / "two" / "log.jsonl")
+    assert [r["iter"] for r in two] == [r["iter"] for r in one]
+    for a, b in zip(one, two):
+        for key in ("loss", "val_loss", "train_loss"):
+            if key in a:
+                assert b[key] == pytest.approx(a[key], abs=1e-5)
+        assert [r["response"] for r in b.get("responses", [])] == [r["response"] for r in a.get("responses", [])]
+    adapters = [gpt.read_safetensors(tmp_path / run / "adapter.safetensors") for run in ("one", "two")]
+    assert adapters[0].keys() == adapters[1].keys()
+    assert all(torch.allclose(adapters[0][k], adapters[1][k], atol=1e-5) for k in adapters[0])
+    assert json.loads((tmp_path / "two" / "adapter.json").read_text()) == json.loads((tmp_path / "one" / "adapter.json").read_text())
+    merged = [gpt.read_safetensors(tmp_path / run / "merged" / "model.safetensors") for run in ("one", "two")]
+    assert all(torch.allclose(merged[0][k], merged[1][k], atol=1e-5) for k in merged[0])
