@@ -4,6 +4,8 @@
     python finetune_alpaca.py --init_from=gpt2-medium --lora_rank=16 --quantize=nf4     # QLoRA
     python finetune_alpaca.py --init_from=gpt2 --lora_rank=0 --subset=2000              # full fine-tune
     python finetune_alpaca.py --init_from=resume --out_dir=out-alpaca                   # go on after a stop
+    torchrun --standalone --nproc_per_node=4 finetune_alpaca.py --init_from=gpt2-xl --lora_rank=0 --fsdp=True \
+        --activation_checkpointing=True                                                 # sharded over 4 GPUs
     python sample.py --init_from=gpt2 --adapter=out-alpaca --instruction="Explain gravity to a child."
 
 An example is a prompt, then the response followed by <|endoftext|>. The prompt is Stanford

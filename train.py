@@ -3,6 +3,7 @@
     python train.py --dataset=tinystories --batch_size=8
     python train.py config/tinystories.py --max_iters=2000 --compile=False
     torchrun --standalone --nproc_per_node=2 train.py config/tinystories.py
+    torchrun --standalone --nproc_per_node=8 train.py config/gpt2_124m.py --fsdp=True   # sharded: FSDP
     python train.py --init_from=resume --out_dir=out-tinystories
     python train.py --init_from=gpt2 --dataset=shakespeare --learning_rate=3e-5
     python train.py --init_from=gpt2 --dataset=wikitext2 --lora_rank=8 --quantize=nf4   # QLoRA
@@ -93,6 +94,10 @@ def main(argv=None):
     ckpt_path = os.path.join(cfg["out_dir"], "ckpt.pt")
     c = SimpleNamespace(**cfg)
     check_adapters(cfg)
+    if c.compile and c.activation_checkpointing and (c.dropout or c.lora_rank and c.lora_dropout):
+        fail("--activation_checkpointing with --compile recomputes dropout with other masks than the forward "
+             "pass drew (torch.compile does not replay the random state), so the gradients would be wrong: "
+             "use --dropout=0 (and --lora_dropout=0), or --compile=False")
     writable_dir(c.out_dir)
 
     rank, world_size, device = setup_ddp(pick_device(c.device))

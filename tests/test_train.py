@@ -205,10 +205,18 @@ def test_resume_without_a_checkpoint_and_missing_data_are_one_line(tmp_path, cap
 def test_compiled_model_checkpoints_without_orig_mod_keys(data_dir, tmp_path, monkeypatch, capsys):
     compile_ = torch.compile  # the eager backend wraps the model as inductor does, without the C++ build
     monkeypatch.setattr(torch, "compile", lambda model: compile_(model, backend="eager"))
-    train.main([*TINY, f"--data_dir={data_dir}", f"--out_dir={tmp_path}", "--compile=True", "--max_iters=2",
-                "--eval_interval=2"])
+    args = [*TINY, f"--data_dir={data_dir}", "--max_iters=2", "--eval_interval=2"]
+    train.main([*args, f"--out_dir={tmp_path}", "--compile=True"])
     keys = torch.load(tmp_path / "ckpt.pt", weights_only=True)["model"].keys()
     assert keys == GPT(GPTConfig(block_size=32, vocab_size=VOCAB, n_layer=2, n_head=2, n_embd=32)).state_dict().keys()
+    # activation checkpointing under compile: the same losses as the compiled run without it
+    train.main([*args, f"--out_dir={tmp_path / 'checkpointing'}", "--compile=True", "--activation_checkpointing=True"])
+    np.testing.assert_allclose(losses(tmp_path / "checkpointing"), losses(tmp_path), rtol=0, atol=1e-6)
+    # with dropout it would not be: the recomputation draws other masks
+    with pytest.raises(SystemExit) as e:
+        train.main([*args, f"--out_dir={tmp_path / 'dropout'}", "--compile=True", "--activation_checkpointing=True",
+                    "--dropout=0.1"])
+    assert e.value.code == 2 and "recomputes dropout with other masks" in capsys.readouterr().err
 
 
 def test_lr_schedule_warms_up_then_follows_a_cosine_to_min_lr():
