@@ -120,6 +120,9 @@ TRAIN = [
     (["--init_from=resume", "--out_dir={root}/garbage"], "is damaged or not a checkpoint of train.py or finetune_alpaca.py"),
     (["--init_from=resume", "--out_dir={root}/by-finetune_alpaca.py"],
      "was written by finetune_alpaca.py: resume it with `python finetune_alpaca.py --init_from=resume"),
+    (["--fsdp=True", "--lora_rank=4", "--quantize=nf4"], "--fsdp=True cannot shard 4-bit NF4 weights"),
+    (["--fsdp=True", "--dtype=float16"], "--fsdp=True with float16 would need a sharded GradScaler"),
+    (["--compile=True", "--activation_checkpointing=True", "--dropout=0.1"], "recomputes dropout with other masks"),
 ]
 
 
@@ -149,6 +152,8 @@ FINETUNE = [
     (["--beta2=1"], "--beta2=1.0 is out of range"),
     (["--init_from=scratch"], "fine-tuning starts from trained weights"),
     (["--lora_rank=0", "--quantize=nf4"], "it needs --lora_rank > 0"),
+    (["--fsdp=True", "--quantize=nf4"], "--fsdp=True cannot shard 4-bit NF4 weights"),
+    (["--fsdp=True", "--dtype=float16"], "--fsdp=True with float16 would need a sharded GradScaler"),
     (["--data=nope", "--data_path="], "--data=nope is not one of alpaca-cleaned, alpaca"),
     (["--data_path={root}/missing.json"], "cannot read {root}/missing.json as Alpaca JSON"),
     (["--data_path={root}/notpython.txt"], "cannot read {root}/notpython.txt as Alpaca JSON"),
@@ -184,6 +189,7 @@ PREPARE = [
 
 BENCH = [
     (["--train_steps=0"], "--train_steps=0 is out of range"),
+    (["--parallel_steps=0"], "--parallel_steps=0 is out of range"),
     (["--only=nope"], "unknown section 'nope'"),
 ]
 
