@@ -12,6 +12,7 @@ import json
 import multiprocessing
 import os
 import resource
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -20,11 +21,13 @@ from concurrent.futures import ProcessPoolExecutor
 
 import numpy as np
 import torch
+from torch.nn.parallel import DistributedDataParallel as DDP
 
 import gpt
 from cli import autocast, configure, fail, run
 from gpt import GPT, GPTConfig
-from training import flops_per_token, make_optimizer, make_scaler, matmul_flops, train_step
+from training import (flops_per_token, held_per_process, make_optimizer, make_scaler, matmul_flops, setup_ddp,
+                      shard_model, teardown_ddp, train_step)
 
 
 def timed(fn, repeat=1):
@@ -64,6 +67,31 @@ def bench_generate(new_tokens=256, prompt_len=16):
     return rows
 
 
+def status_bytes(field):
+    """A size in /proc/self/status, in bytes (Linux): VmRSS, resident now; VmHWM, the peak."""
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) * 1024 for line in f if line.startswith(field + ":"))
+
+
+def reset_peak_rss():
+    """Start counting the peak RSS from now: glibc hands freed memory back on request and Linux
+    resets its high-water mark. False where that cannot be done."""
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def peak_rss(reset):
+    """Peak RSS in bytes since reset_peak_rss() if it returned True (reset), else the whole process's."""
+    if reset:
+        return status_bytes("VmHWM")
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * (1 if sys.platform == "darwin" else 1024)
+
+
 def _finetune_in_this_process(mode, shape, batch_size, seq_len, steps):
     """Train steps of one fine-tuning mode on random tokens; (seconds per step, peak RSS bytes while
     training, bytes of parameters + buffers, bytes of optimizer state, trainable parameters)."""
@@ -85,22 +113,9 @@ def _finetune_in_this_process(mode, shape, batch_size, seq_len, steps):
         optimizer.zero_grad(set_to_none=True)
 
     step()  # allocates the optimizer state
-    # the peak while training, not while building (QLoRA's float weights exist until they are
-    # quantized): glibc hands freed memory back on request and Linux resets its high-water mark;
-    # elsewhere the whole process counts
-    try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-        reset = True
-    except OSError:
-        reset = False
+    reset = reset_peak_rss()  # the peak while training, not building (QLoRA's float weights exist until quantized)
     seconds = timed(step, repeat=steps)
-    if reset:
-        with open("/proc/self/status") as f:
-            peak = next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmHWM:"))
-    else:
-        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * (1 if sys.platform == "darwin" else 1024)
+    peak = peak_rss(reset)
     weights = sum(t.numel() * t.element_size() for t in [*model.parameters(), *model.buffers()])
     state = sum(t.numel() * t.element_size() for s in optimizer.state.values() for t in s.values())
     return seconds, peak, weights, state, sum(p.numel() for p in params)
@@ -241,15 +256,116 @@ def bench_train(steps=5, n_layer=6, n_head=6, n_embd=384, block_size=256, batch_
     return rows
 
 
-BENCHES = {"generate": bench_generate, "finetune": bench_finetune, "tokenize": bench_tokenize, "train": bench_train}
+def local_bytes(tensors):
+    """Bytes this process holds of the tensors: an FSDP parameter, its gradient and moments are
+    DTensors, of which it keeps the local shard."""
+    return sum((t.to_local() if hasattr(t, "to_local") else t).nbytes for t in tensors)
+
+
+def parallel_worker(mode, n_layer, n_head, n_embd, batch_size, block_size, steps):
+    """One process of bench_parallel; prints its figures as a JSON line. mode: single, ddp, fsdp
+    (these two under torchrun), keep or recompute (one process, activation checkpointing off or on)."""
+    rank, world_size, device = setup_ddp("cpu")
+    torch.manual_seed(0)  # the same initial weights in every process
+    model = GPT(GPTConfig(block_size=block_size, n_layer=n_layer, n_head=n_head, n_embd=n_embd))
+    model.activation_checkpointing = mode == "recompute"
+    trained = DDP(model) if mode == "ddp" else model
+    if mode == "fsdp":
+        shard_model(model, device, "float32")
+    optimizer, scaler = make_optimizer(model, 1e-4, 0.1, (0.9, 0.95), device), make_scaler(device, "float32")
+    torch.manual_seed(1 + rank)  # each process its own random batch
+    x, y = (torch.randint(0, model.config.vocab_size, (batch_size, block_size)) for _ in range(2))
+
+    def seconds_per_step():
+        t0 = time.perf_counter()  # the step ends with the optimizer's update: DDP and FSDP have synchronized by then
+        train_step(trained, optimizer, scaler, lambda *key: (x, y), 0, 1e-4, rank=rank, world_size=world_size)
+        return time.perf_counter() - t0
+
+    seconds_per_step()  # warm-up; allocates AdamW's moments
+    reset = reset_peak_rss()  # the peak while training, not while building (FSDP starts from the whole model)
+    figures = {"rank": rank, "seconds": statistics.median(seconds_per_step() for _ in range(steps)),
+               "peak": peak_rss(reset), "held": held_per_process(model)}
+    # train_step's zero_grad drops the gradients: one more forward and backward makes them, to count
+    trained(x, y)[1].backward()
+    figures |= {"weights": local_bytes(model.parameters()),
+                "gradients": local_bytes(p.grad for p in model.parameters() if p.grad is not None),
+                "state": local_bytes(t for s in optimizer.state.values() for t in s.values())}
+    if mode in ("keep", "recompute") and reset:
+        # weights, gradients and moments resident now; a forward and backward accumulating into the
+        # same gradients rises above that by what it keeps for the backward pass (and frees in it)
+        reset_peak_rss()
+        figures["resident"] = status_bytes("VmRSS")
+        model(x, y)[1].backward()
+        figures["activations"] = status_bytes("VmHWM") - figures["resident"]
+    print(json.dumps(figures), flush=True)
+    teardown_ddp()
+
+
+def run_workers(nproc, **args):
+    """parallel_worker(**args) in nproc fresh processes (torchrun for two: gloo, the cores shared
+    out, OMP_NUM_THREADS=1 each on 2 cores), so that bench.py never holds a model; their figures by rank."""
+    command, env = [sys.executable, "-c", f"import bench; bench.parallel_worker(**{args!r})"], dict(os.environ)
+    if nproc > 1:
+        command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+                   "--no-python", *command]
+        env["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // nproc))
+    r = subprocess.run(command, capture_output=True, text=True, env=env, cwd=os.path.dirname(os.path.abspath(__file__)))
+    if r.returncode:
+        raise RuntimeError(f"bench.parallel_worker({args['mode']}) failed:\n{r.stderr[-4000:]}")
+    return sorted((json.loads(line) for line in r.stdout.splitlines() if line.startswith("{")), key=lambda f: f["rank"])
+
+
+def bench_parallel(n_layer=24, n_head=16, n_embd=1024, batch_size=2, block_size=128, steps=2,
+                   ac_batch_size=4, ac_block_size=512):
+    """At GPT-2 medium shape (random weights, float32, AdamW, training.train_step on random tokens):
+    what each process holds and its peak RSS, and the seconds per step, for one process (all cores),
+    two under DDP and two under FSDP (gloo, one thread each on 2 cores). Held bytes are summed over
+    the tensors themselves: the parameters, the .grad of one more backward pass (train_step drops
+    them), AdamW's state; the local shards under FSDP. DDP's gradient buckets, as large again as
+    the gradients, are in its RSS only. The step's time is the median after a warm-up, the slowest
+    process's. Then activation checkpointing, one process at batch ac_batch_size x ac_block_size:
+    its "activation part" is how far a forward and backward rise above the RSS with weights,
+    gradients (accumulated into, not allocated) and AdamW's moments resident, what the forward
+    keeps for the backward; the logits and their gradient, which checkpointing does not touch,
+    are in it. The peak RSS rows are the whole train steps'. Goals (issue 12): FSDP holds at most
+    0.55x DDP's bytes per process; checkpointing at least halves the activation part."""
+    shape = dict(n_layer=n_layer, n_head=n_head, n_embd=n_embd, steps=steps)
+    rows, held, activations = [], {}, {}
+    for mode, nproc in (("single", 1), ("ddp", 2), ("fsdp", 2)):
+        procs = run_workers(nproc, mode=mode, batch_size=batch_size, block_size=block_size, **shape)
+        f = max(procs, key=lambda p: p["weights"] + p["gradients"] + p["state"])  # FSDP's shards differ by a row
+        held[mode] = f["weights"] + f["gradients"] + f["state"]
+        print(f"parallel   {mode}: training.held_per_process: {f['held']}", flush=True)
+        rows += [(f"{mode}: parameters per process", f["weights"] / 2**20, "MiB"),
+                 (f"{mode}: gradients per process", f["gradients"] / 2**20, "MiB"),
+                 (f"{mode}: AdamW state per process", f["state"] / 2**20, "MiB"),
+                 (f"{mode}: params + grads + state per process", held[mode] / 2**20, "MiB"),
+                 *((f"{mode}: peak RSS, process {p['rank']}", p["peak"] / 2**20, "MiB") for p in procs),
+                 (f"{mode}: step ({nproc}x{batch_size}x{block_size} tokens)", max(p["seconds"] for p in procs), "s")]
+    for mode in ("keep", "recompute"):
+        (f,) = run_workers(1, mode=mode, batch_size=ac_batch_size, block_size=ac_block_size, **shape)
+        activations[mode] = f.get("activations", float("nan"))  # nan: no peak reset off Linux
+        rows += [(f"AC {mode}: peak RSS ({ac_batch_size}x{ac_block_size} tokens)", f["peak"] / 2**20, "MiB"),
+                 (f"AC {mode}: resident weights + grads + AdamW", f.get("resident", float("nan")) / 2**20, "MiB"),
+                 (f"AC {mode}: activation part", activations[mode] / 2**20, "MiB"),
+                 (f"AC {mode}: step", f["seconds"], "s")]
+    rows += [("FSDP / DDP held per process (goal <= 0.55)", held["fsdp"] / held["ddp"], "x"),
+             ("AC recompute / keep activation part (goal <= 0.5)", activations["recompute"] / activations["keep"], "x")]
+    return rows
+
+
+BENCHES = {"generate": bench_generate, "finetune": bench_finetune, "tokenize": bench_tokenize, "train": bench_train,
+           "parallel": bench_parallel}
 
 # ----------------------------------------------------------------------------- defaults
 DEFAULTS = {
-    "only": "",                 # sections to run, comma-separated: generate, finetune, tokenize, train; "": all
+    "only": "",                 # sections, comma-separated: generate, finetune, tokenize, train, parallel; "": all
     "out": "bench.json",        # where the figures go
     "tokenize_mb": 200,         # >= 1; size of the generated corpus
     "finetune_n_layer": 24,     # >= 1; 24 is GPT-2 medium's depth
     "train_steps": 5,           # >= 1; timed training steps
+    "parallel_n_layer": 24,     # >= 1; 24 is GPT-2 medium's depth
+    "parallel_steps": 2,        # >= 1; timed steps per case, after a warm-up; their median counts
 }
 # -----------------------------------------------------------------------------
 
