@@ -211,12 +211,14 @@ def main(argv=None):
                     print(stop_message(it, ckpt_path, "train.py", c.out_dir, world_size), flush=True)
                 if world_size > 1:
                     dist.barrier()  # no process may exit while the checkpoint is being written
+                trained = None  # before the process group: see teardown_ddp
                 teardown_ddp()
                 raise SystemExit(128 + stop)
     if master:
         print(f"done: {c.max_iters} iterations; checkpoint in {ckpt_path}, log in {log_path}")
     if wandb_run is not None:
         wandb_run.finish()
+    trained = None  # before the process group: see teardown_ddp
     teardown_ddp()
 
 

@@ -165,6 +165,8 @@ def setup_ddp(device):
 
 
 def teardown_ddp():
+    """Leave the process group. Drop the DDP wrapper first: freed after its process group, DDP's
+    reducer destroys the group while holding the GIL, which gloo's threads may be waiting for."""
     if dist.is_initialized():
         dist.destroy_process_group()
 
