@@ -479,14 +479,14 @@ def test_a_run_resumes_on_another_number_of_processes(data_dir, tmp_path, one_pr
     np.testing.assert_allclose(losses(tmp_path), one_process, rtol=0, atol=1e-5)
 
 
-def test_a_resume_that_cannot_split_the_step_names_the_process_counts_that_can(data_dir, tmp_path):
-    run([*SPLITS, "--max_iters=0", "--gradient_accumulation_steps=3"], data_dir, tmp_path)
-    result = subprocess.run(command(["--init_from=resume"], data_dir, tmp_path, tiny=False, nproc=2),
-                            capture_output=True, text=True, cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"},
-                            timeout=300)
-    assert result.returncode != 0
-    assert ("error: the checkpoint's steps take 3 micro-batches (1 process(es) x 3), which 2 processes cannot share "
-            "evenly: resume on 1, 3 process(es)") in result.stderr
+def test_a_resume_that_cannot_split_the_step_names_the_process_counts_that_can(capsys):
+    ckpt = {"world_size": 1, "config": {"gradient_accumulation_steps": 3}}
+    with pytest.raises(SystemExit) as e:
+        training.resumed_accumulation(ckpt, 3, 2)
+    assert e.value.code == 2 and capsys.readouterr().err == (
+        "error: the checkpoint's steps take 3 micro-batches (1 process(es) x 3), which 2 processes cannot share "
+        "evenly: resume on 1, 3 process(es)\n")
+    assert training.resumed_accumulation(ckpt, 3, 3) == 1 and training.resumed_accumulation(ckpt, 5, 2) == 5
 
 
 def test_sigkill_in_the_middle_of_an_fsdp_checkpoint_write_leaves_the_last_one_whole(data_dir, tmp_path):
