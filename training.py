@@ -15,7 +15,7 @@ from dataclasses import asdict
 import torch
 import torch.distributed as dist
 from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict, get_optimizer_state_dict,
-                                                     set_optimizer_state_dict)
+                                                     set_model_state_dict, set_optimizer_state_dict)
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
 from cli import autocast, configure, fail
@@ -243,7 +243,7 @@ def save_checkpoint(path, state):
 
 def load_checkpoint(path):
     """A checkpoint as saved above, onto the CPU; weights_only: nothing in it can run code. Mapped,
-    not read: the processes of a node share the pages, and each copies out only what it keeps."""
+    not read: under torchrun every process takes the settings from it, rank 0 alone the tensors."""
     if not os.path.exists(path):
         fail(f"no checkpoint at {path}: train first, or point --out_dir at the run to resume")
     try:
@@ -323,13 +323,19 @@ def resumed_accumulation(ckpt, accumulation, world_size):
 def restore_run(ckpt, model, optimizer, scaler, log_path, write_files=True):
     """(start_iter, best_val_loss). A resumed run gets its optimizer and scaler back and its log cut
     back to the checkpoint (lines past it came from steps about to be redone); a fresh run in an
-    old out_dir starts a fresh log. model is the one the optimizer steps (FSDP's, sharded: each
-    process takes its shard of the moments)."""
+    old out_dir starts a fresh log. model is the one the optimizer steps. Under torchrun rank 0
+    alone reads the weights and the optimizer's state and broadcasts them, tensor by tensor; each
+    process keeps what it holds (under FSDP, its shard)."""
     if ckpt is None:
         if write_files and os.path.exists(log_path):
             os.remove(log_path)
         return 0, float("inf")
-    set_optimizer_state_dict(model, optimizer, ckpt["optimizer"], options=StateDictOptions(full_state_dict=True))
+    distributed = dist.is_initialized()
+    reads = not distributed or dist.get_rank() == 0
+    options = StateDictOptions(full_state_dict=True, broadcast_from_rank0=distributed)
+    if distributed and "model" in ckpt:  # a LoRA run's adapters, a few MB, every process has read
+        set_model_state_dict(model, ckpt["model"] if reads else {}, options=options)
+    set_optimizer_state_dict(model, optimizer, ckpt["optimizer"] if reads else {}, options=options)
     if ckpt["scaler"]:  # empty when saved without float16
         scaler.load_state_dict(ckpt["scaler"])
     if write_files:
@@ -384,13 +390,15 @@ def add_adapters(model, cfg):
 
 def model_from_checkpoint(ckpt, dropout=None):
     """The trained model of a checkpoint (with its adapters, if it has any), on the CPU; dropout,
-    when given, replaces the run's (a resumed run may change it)."""
+    when given, replaces the run's (a resumed run may change it). Under torchrun only rank 0
+    reads the weights; restore_run broadcasts them to the others' models."""
     if "model" not in ckpt:  # finetune_alpaca.py keeps a LoRA run's adapters alone
         fail(f"this checkpoint holds LoRA adapters only: load them with --init_from={ckpt['config']['init_from']} "
              f"--adapter=<its out_dir>")
     args = ckpt["model_args"] if dropout is None else {**ckpt["model_args"], "dropout": dropout}
     model = add_adapters(GPT(GPTConfig(**args)), ckpt["config"])
-    model.load_state_dict(ckpt["model"])
+    if not dist.is_initialized() or dist.get_rank() == 0:
+        model.load_state_dict(ckpt["model"])
     return model
 
 
