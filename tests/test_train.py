@@ -449,7 +449,7 @@ def test_fsdp_ddp_and_one_process_log_the_same_losses(data_dir, tmp_path, one_pr
     steps, evals = read_log(tmp_path)
     assert [r["iter"] for r in steps] == list(range(10)) and [r["iter"] for r in evals] == [0, 5, 10]
     np.testing.assert_allclose(losses(tmp_path), one_process, rtol=0, atol=1e-5)
-    if checkpointing:  # and on one process, recomputing changes nothing at all
+    if checkpointing and split == "ddp":  # and on one process, recomputing changes nothing at all
         run([*SPLITS, "--gradient_accumulation_steps=2", "--activation_checkpointing=True"], data_dir, tmp_path / "one")
         assert losses(tmp_path / "one") == one_process
 
@@ -507,5 +507,5 @@ def test_sigkill_in_the_middle_of_an_fsdp_checkpoint_write_leaves_the_last_one_w
     assert partial.exists()  # killed while writing
     ckpt = training.load_checkpoint(tmp_path / "ckpt.pt")
     assert ckpt["world_size"] == 2
-    run(["--init_from=resume", f"--max_iters={ckpt['iter'] + 2}"], data_dir, tmp_path, tiny=False, nproc=2)
+    run(["--init_from=resume", f"--max_iters={ckpt['iter'] + 2}"], data_dir, tmp_path, tiny=False)  # on 1 process
     assert training.load_checkpoint(tmp_path / "ckpt.pt")["iter"] == ckpt["iter"] + 2
