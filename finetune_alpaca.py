@@ -4,8 +4,8 @@
     python finetune_alpaca.py --init_from=gpt2-medium --lora_rank=16 --quantize=nf4     # QLoRA
     python finetune_alpaca.py --init_from=gpt2 --lora_rank=0 --subset=2000              # full fine-tune
     python finetune_alpaca.py --init_from=resume --out_dir=out-alpaca                   # go on after a stop
-    torchrun --standalone --nproc_per_node=4 finetune_alpaca.py --init_from=gpt2-xl --lora_rank=0 --fsdp=True \
-        --activation_checkpointing=True                                                 # sharded over 4 GPUs
+    torchrun --standalone --nproc_per_node=4 finetune_alpaca.py --init_from=gpt2-xl --lora_rank=0 --fsdp=True
+    torchrun --standalone --nproc_per_node=4 finetune_alpaca.py --fsdp=True --activation_checkpointing=True
     python sample.py --init_from=gpt2 --adapter=out-alpaca --instruction="Explain gravity to a child."
 
 An example is a prompt, then the response followed by <|endoftext|>. The prompt is Stanford
@@ -61,7 +61,7 @@ double_quant = True       # quantize NF4's scales too (4.127 instead of 4.5 bits
 merge = False             # at the end, also write out_dir/merged as a Hugging Face model
 # optimization
 batch_size = 8            # >= 1
-gradient_accumulation_steps = 4  # >= 1
+gradient_accumulation_steps = 4  # >= 1; per process: a step sees world_size * this * batch_size examples
 max_iters = 1000          # >= 0
 learning_rate = 0.0       # >= 0; 0: 3e-4 with LoRA, 3e-5 for a full fine-tune; decays to a tenth
 warmup_iters = 50         # >= 0
@@ -213,7 +213,7 @@ def prepare_model(c, ckpt, vocab_size):
     for QLoRA), or all of it trainable (lora_rank=0). A resumed full fine-tune comes whole from
     its checkpoint; a resumed LoRA run rebuilds the frozen base from init_from and loads the rest."""
     if ckpt is not None and not c.lora_rank:
-        return training.model_from_checkpoint(ckpt)
+        return training.model_from_checkpoint(ckpt, vars(c))
     model = training.build_model(c, vocab_size, ckpt=None)
     if ckpt is not None:
         with torch.no_grad():
@@ -224,12 +224,15 @@ def prepare_model(c, ckpt, vocab_size):
 
 
 @torch.no_grad()
-def respond(model, enc, record, max_new_tokens, device, dtype):
-    """The model's greedy response to a record's instruction (and input)."""
+def respond(model, enc, record, max_new_tokens, device, dtype, stop_early=True):
+    """The model's greedy response to a record's instruction (and input). stop_early: stop at
+    <|endoftext|>; under FSDP every process generates all max_new_tokens, so that none can stop
+    while the others still need it for the next forward pass, and the response is cut there."""
     ids = enc.encode_ordinary(alpaca_prompt(record["instruction"], record["input"]))
     model.eval()
     with autocast(device, dtype):
-        out = model.generate(torch.tensor([ids], device=device), max_new_tokens, temperature=0, eos_id=enc.eot_token)
+        out = model.generate(torch.tensor([ids], device=device), max_new_tokens, temperature=0,
+                             eos_id=enc.eot_token if stop_early else None)
     model.train()
     new = out[0, len(ids):].tolist()
     return enc.decode(new[:new.index(enc.eot_token)] if enc.eot_token in new else new)
@@ -329,8 +332,8 @@ def main(argv=None):
                 responses = []
                 if master or sharded:  # under FSDP every process generates: the forward passes gather weights
                     with training.gathered(model, sharded):
-                        responses = [{**r, "response": respond(model, enc, r, c.sample_tokens, device, step_dtype)}
-                                     for r in held_out]
+                        responses = [{**r, "response": respond(model, enc, r, c.sample_tokens, device, step_dtype,
+                                                               stop_early=not sharded)} for r in held_out]
                 if master:
                     print(training.eval_line(it, losses, best_val_loss))
                     for r in responses:

@@ -1,7 +1,10 @@
 """GPT-2 in one file, to be read top to bottom.
 
-    config -> layers -> model -> generation -> downloads -> tokenizer -> safetensors -> GPT-2 weights
+    config -> layers -> model -> downloads -> tokenizer -> safetensors -> GPT-2 weights
            -> nf4 (4-bit weights) -> lora (low-rank adapters; on nf4 weights, QLoRA)
+
+class GPT holds the forward pass, generation, and from_pretrained / save_pretrained, which hand
+the file work to the GPT-2 weights section.
 
 The defaults are OpenAI's GPT-2 exactly (learned positions, tanh GELU, pre-norm LayerNorm, tied
 embeddings); pos_emb="rope" and mlp="swiglu" give the modern variant. Pretrained weights are read

@@ -42,7 +42,7 @@ input = ""              # the instruction's input, if it has one
 
 def load_model(cfg):
     """The model and the name of its tokenizer."""
-    if cfg["init_from"] == "resume":  # the last checkpoint of a train.py run
+    if cfg["init_from"] == "resume":  # out_dir/ckpt.pt of a train.py run or of a full fine-tune
         if cfg["adapter"]:
             fail("--adapter goes with a base model (--init_from=gpt2, ...), not with --init_from=resume")
         ckpt = load_checkpoint(os.path.join(cfg["out_dir"], "ckpt.pt"))

@@ -9,9 +9,9 @@
     python train.py --init_from=gpt2 --dataset=wikitext2 --lora_rank=8 --quantize=nf4   # QLoRA
 
 Settings: the defaults below, then config files given as bare arguments, then --key=value.
-The pieces (batches in data.py; the LR schedule, AdamW, DDP, one optimizer step, evaluation,
-checkpoints, the log and its plot in training.py) are plain functions that finetune_alpaca.py
-uses too; main() below strings them together into the training loop.
+The pieces (batches in data.py; the LR schedule, AdamW, DDP and FSDP, one optimizer step,
+evaluation, checkpoints, the log and its plot in training.py) are plain functions, which
+finetune_alpaca.py uses too; main() below strings them together into the training loop.
 
 A batch is a pure function of (seed, iteration, micro-batch index), and so is the dropout noise:
 one process accumulating G micro-batches and G processes taking one each compute the same step,

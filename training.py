@@ -165,8 +165,8 @@ def setup_ddp(device):
 
 
 def teardown_ddp():
-    """Leave the process group. Drop the DDP wrapper first: freed after its process group, DDP's
-    reducer destroys the group while holding the GIL, which gloo's threads may be waiting for."""
+    """Leave the process group. Callers drop their DDP wrapper first: freed after its process group,
+    DDP's reducer destroys the group while holding the GIL, which gloo's threads may be waiting for."""
     if dist.is_initialized():
         dist.destroy_process_group()
 
@@ -180,14 +180,17 @@ def check_fsdp(fsdp, quantize, dtype):
 
 @contextmanager
 def rank_zero_first():
-    """Rank 0 runs what is inside first (downloads into the shared cache), then the other processes,
-    which find the files there."""
-    others_wait = dist.is_initialized() and dist.get_rank() != 0
+    """The first process of each node runs what is inside first (downloads into the node's cache),
+    then the node's other processes, which find the files there. A failure inside still lets the
+    others go on, to fail the same way with the same one line."""
+    others_wait = dist.is_initialized() and int(os.environ.get("LOCAL_RANK", 0)) != 0
     if others_wait:
         dist.barrier()
-    yield
-    if dist.is_initialized() and not others_wait:
-        dist.barrier()
+    try:
+        yield
+    finally:
+        if dist.is_initialized() and not others_wait:
+            dist.barrier()
 
 
 @contextmanager
@@ -333,7 +336,7 @@ def restore_run(ckpt, model, optimizer, scaler, log_path, write_files=True):
     distributed = dist.is_initialized()
     reads = not distributed or dist.get_rank() == 0
     options = StateDictOptions(full_state_dict=True, broadcast_from_rank0=distributed)
-    if distributed and "model" in ckpt:  # a LoRA run's adapters, a few MB, every process has read
+    if distributed and "model" in ckpt:  # not in a LoRA fine-tune's: every process read its few MB of adapters
         set_model_state_dict(model, ckpt["model"] if reads else {}, options=options)
     set_optimizer_state_dict(model, optimizer, ckpt["optimizer"] if reads else {}, options=options)
     if ckpt["scaler"]:  # empty when saved without float16
@@ -388,15 +391,18 @@ def add_adapters(model, cfg):
     return model
 
 
-def model_from_checkpoint(ckpt, dropout=None):
-    """The trained model of a checkpoint (with its adapters, if it has any), on the CPU; dropout,
-    when given, replaces the run's (a resumed run may change it). Under torchrun only rank 0
-    reads the weights; restore_run broadcasts them to the others' models."""
+def model_from_checkpoint(ckpt, cfg=None):
+    """The trained model of a checkpoint (with its adapters, if it has any), on the CPU. cfg, when
+    given, is a resumed run's settings: its dropout and lora_dropout replace the saved ones. Under
+    torchrun only rank 0 reads the weights; restore_run broadcasts them to the others' models."""
     if "model" not in ckpt:  # finetune_alpaca.py keeps a LoRA run's adapters alone
         fail(f"this checkpoint holds LoRA adapters only: load them with --init_from={ckpt['config']['init_from']} "
              f"--adapter=<its out_dir>")
-    args = ckpt["model_args"] if dropout is None else {**ckpt["model_args"], "dropout": dropout}
-    model = add_adapters(GPT(GPTConfig(**args)), ckpt["config"])
+    args, settings = ckpt["model_args"], ckpt["config"]
+    if cfg is not None:
+        args = {**args, "dropout": cfg["dropout"]}
+        settings = {**settings, "lora_dropout": cfg.get("lora_dropout", settings.get("lora_dropout"))}
+    model = add_adapters(GPT(GPTConfig(**args)), settings)
     if not dist.is_initialized() or dist.get_rank() == 0:
         model.load_state_dict(ckpt["model"])
     return model
@@ -405,7 +411,7 @@ def model_from_checkpoint(ckpt, dropout=None):
 def build_model(c, vocab_size, ckpt):
     """The model to train: the checkpoint's, a fresh one, or GPT-2's weights."""
     if ckpt is not None:
-        model = model_from_checkpoint(ckpt, c.dropout)
+        model = model_from_checkpoint(ckpt, vars(c))
     elif c.init_from == "scratch":
         torch.manual_seed(c.seed)  # the same initial weights in every process
         try:
