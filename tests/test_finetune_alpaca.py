@@ -345,3 +345,26 @@ def test_lora_under_fsdp_on_two_processes_equals_one_process(hub, tmp_path):
     assert json.loads((tmp_path / "two" / "adapter.json").read_text()) == json.loads((tmp_path / "one" / "adapter.json").read_text())
     merged = [gpt.read_safetensors(tmp_path / run / "merged" / "model.safetensors") for run in ("one", "two")]
     assert all(torch.allclose(merged[0][k], merged[1][k], atol=1e-5) for k in merged[0])
+
+
+def test_a_full_fine_tune_under_fsdp_resumes_on_one_process(hub, tmp_path):
+    """The README's gpt2-xl example, small: a full fine-tune sharded over 2 processes, then resumed
+    on 1 process accumulating twice as much, logs what a 1-process run resumed the same way logs."""
+    finetune(tmp_path / "one", *MODES["full"])
+    args = [f"--out_dir={tmp_path / 'two'}", "--init_from=gpt2", "--max_iters=6", "--eval_interval=3",
+            "--log_interval=1", "--batch_size=4", "--gradient_accumulation_steps=1", "--val_size=6", "--eval_iters=2",
+            "--eval_prompts=2", "--sample_tokens=6", "--max_seq_len=128", "--warmup_iters=2", "--lora_dropout=0.1",
+            "--device=cpu", "--dtype=float32", "--fsdp=True", *MODES["full"]]
+    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                             str(ROOT / "finetune_alpaca.py"), *args], capture_output=True, text=True, cwd=ROOT,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "2 process(es) (FSDP)" in result.stdout
+    for run in ("one", "two"):
+        fa.main([f"--out_dir={tmp_path / run}", "--init_from=resume", "--max_iters=9"])
+    one, two = log_without_timing(tmp_path / "one" / "log.jsonl"), log_without_timing(tmp_path / "two" / "log.jsonl")
+    assert [r["iter"] for r in two] == [r["iter"] for r in one]
+    for a, b in zip(one, two):
+        for key in ("loss", "val_loss", "train_loss"):
+            if key in a:
+                assert b[key] == pytest.approx(a[key], abs=1e-5)
