@@ -48,10 +48,19 @@ def command(args, data_dir, out_dir, tiny=True, nproc=1):
 
 
 def run(args, data_dir, out_dir, **kw):
-    result = subprocess.run(command(args, data_dir, out_dir, **kw), capture_output=True, text=True, cwd=ROOT,
-                            env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=300)
-    assert result.returncode == 0, result.stderr[-3000:]
-    return result
+    """train.py in a subprocess. On a time-out the whole tree goes: torchrun's processes run in a
+    session of their own, and would outlive torchrun."""
+    import psutil
+    proc = subprocess.Popen(command(args, data_dir, out_dir, **kw), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    try:
+        stdout, stderr = proc.communicate(timeout=300)
+    except subprocess.TimeoutExpired:
+        for p in [*psutil.Process(proc.pid).children(recursive=True), psutil.Process(proc.pid)]:
+            p.kill()
+        raise
+    assert proc.returncode == 0, stderr[-3000:]
+    return subprocess.CompletedProcess(proc.args, proc.returncode, stdout, stderr)
 
 
 def read_log(out_dir):
