@@ -184,11 +184,38 @@ MODES = {"lora": ["--lora_rank=4", "--lora_alpha=8"],
          "full": ["--lora_rank=0", "--learning_rate=1e-3"]}
 
 
+def run_args(out_dir, *extra):
+    return [f"--out_dir={out_dir}", "--init_from=gpt2", "--max_iters=6", "--eval_interval=3", "--log_interval=1",
+            "--batch_size=4", "--gradient_accumulation_steps=2", "--val_size=6", "--eval_iters=2",
+            "--eval_prompts=2", "--sample_tokens=6", "--max_seq_len=128", "--warmup_iters=2",
+            "--lora_dropout=0.1", "--device=cpu", "--dtype=float32", "--merge=True", *extra]
+
+
 def finetune(out_dir, *extra):
-    fa.main([f"--out_dir={out_dir}", "--init_from=gpt2", "--max_iters=6", "--eval_interval=3", "--log_interval=1",
-             "--batch_size=4", "--gradient_accumulation_steps=2", "--val_size=6", "--eval_iters=2",
-             "--eval_prompts=2", "--sample_tokens=6", "--max_seq_len=128", "--warmup_iters=2",
-             "--lora_dropout=0.1", "--device=cpu", "--dtype=float32", "--merge=True", *extra])
+    fa.main(run_args(out_dir, *extra))
+
+
+def finetune_on_two_processes(out_dir, *extra):
+    """The same run under torchrun with FSDP on 2 processes, each taking one of a step's 2 micro-batches."""
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+               str(ROOT / "finetune_alpaca.py"), *run_args(out_dir, "--gradient_accumulation_steps=1", "--fsdp=True",
+                                                           *extra)]
+    result = subprocess.run(command, capture_output=True, text=True, cwd=ROOT,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "2 process(es) (FSDP)" in result.stdout
+    return result
+
+
+def assert_same_log(one, two):
+    """Two runs' logs: the same records, their losses within 1e-5 and their greedy responses equal."""
+    one, two = log_without_timing(one / "log.jsonl"), log_without_timing(two / "log.jsonl")
+    assert [r["iter"] for r in two] == [r["iter"] for r in one]
+    for a, b in zip(one, two):
+        for key in ("loss", "val_loss", "train_loss"):
+            if key in a:
+                assert b[key] == pytest.approx(a[key], abs=1e-5)
+        assert [r["response"] for r in b.get("responses", [])] == [r["response"] for r in a.get("responses", [])]
 
 
 class Crash(Exception):
@@ -322,23 +349,9 @@ def test_lora_under_fsdp_on_two_processes_equals_one_process(hub, tmp_path):
     """torchrun with 2 processes, FSDP (and activation checkpointing) against 1 process accumulating
     the same 2 micro-batches per step: the same losses, responses and adapter."""
     finetune(tmp_path / "one", *MODES["lora"])
-    args = [f"--out_dir={tmp_path / 'two'}", "--init_from=gpt2", "--max_iters=6", "--eval_interval=3",
-            "--log_interval=1", "--batch_size=4", "--gradient_accumulation_steps=1", "--val_size=6", "--eval_iters=2",
-            "--eval_prompts=2", "--sample_tokens=6", "--max_seq_len=128", "--warmup_iters=2", "--lora_dropout=0.1",
-            "--device=cpu", "--dtype=float32", "--merge=True", "--fsdp=True", "--activation_checkpointing=True",
-            *MODES["lora"]]
-    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                             str(ROOT / "finetune_alpaca.py"), *args], capture_output=True, text=True, cwd=ROOT,
-                            env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=300)
-    assert result.returncode == 0, result.stderr[-3000:]
-    assert "2 process(es) (FSDP)" in result.stdout and result.stdout.count("done: 6 iterations") == 1
-    one, two = log_without_timing(tmp_path / "one" / "log.jsonl"), log_without_timing(tmp_path / "two" / "log.jsonl")
-    assert [r["iter"] for r in two] == [r["iter"] for r in one]
-    for a, b in zip(one, two):
-        for key in ("loss", "val_loss", "train_loss"):
-            if key in a:
-                assert b[key] == pytest.approx(a[key], abs=1e-5)
-        assert [r["response"] for r in b.get("responses", [])] == [r["response"] for r in a.get("responses", [])]
+    result = finetune_on_two_processes(tmp_path / "two", "--activation_checkpointing=True", *MODES["lora"])
+    assert result.stdout.count("done: 6 iterations") == 1
+    assert_same_log(tmp_path / "one", tmp_path / "two")
     adapters = [gpt.read_safetensors(tmp_path / run / "adapter.safetensors") for run in ("one", "two")]
     assert adapters[0].keys() == adapters[1].keys()
     assert all(torch.allclose(adapters[0][k], adapters[1][k], atol=1e-5) for k in adapters[0])
@@ -351,20 +364,7 @@ def test_a_full_fine_tune_under_fsdp_resumes_on_one_process(hub, tmp_path):
     """The README's gpt2-xl example, small: a full fine-tune sharded over 2 processes, then resumed
     on 1 process accumulating twice as much, logs what a 1-process run resumed the same way logs."""
     finetune(tmp_path / "one", *MODES["full"])
-    args = [f"--out_dir={tmp_path / 'two'}", "--init_from=gpt2", "--max_iters=6", "--eval_interval=3",
-            "--log_interval=1", "--batch_size=4", "--gradient_accumulation_steps=1", "--val_size=6", "--eval_iters=2",
-            "--eval_prompts=2", "--sample_tokens=6", "--max_seq_len=128", "--warmup_iters=2", "--lora_dropout=0.1",
-            "--device=cpu", "--dtype=float32", "--fsdp=True", *MODES["full"]]
-    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                             str(ROOT / "finetune_alpaca.py"), *args], capture_output=True, text=True, cwd=ROOT,
-                            env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=300)
-    assert result.returncode == 0, result.stderr[-3000:]
-    assert "2 process(es) (FSDP)" in result.stdout
+    finetune_on_two_processes(tmp_path / "two", *MODES["full"])
     for run in ("one", "two"):
         fa.main([f"--out_dir={tmp_path / run}", "--init_from=resume", "--max_iters=9"])
-    one, two = log_without_timing(tmp_path / "one" / "log.jsonl"), log_without_timing(tmp_path / "two" / "log.jsonl")
-    assert [r["iter"] for r in two] == [r["iter"] for r in one]
-    for a, b in zip(one, two):
-        for key in ("loss", "val_loss", "train_loss"):
-            if key in a:
-                assert b[key] == pytest.approx(a[key], abs=1e-5)
+    assert_same_log(tmp_path / "one", tmp_path / "two")
