@@ -34,7 +34,6 @@ from types import SimpleNamespace
 
 import torch
 import torch.distributed as dist
-from torch.nn.parallel import DistributedDataParallel as DDP
 
 import gpt
 import training
@@ -297,15 +296,12 @@ def main(argv=None):
     scaler = training.make_scaler(device, dtype)
     log_path = os.path.join(c.out_dir, "log.jsonl")
     start_iter, best_val_loss = training.restore_run(ckpt, model, optimizer, scaler, log_path, write_files=master)
-    trained = model  # what the steps run: under DDP, wrapped to all-reduce the gradients
-    if world_size > 1 and not sharded:
-        trained = DDP(model, device_ids=[device] if device.startswith("cuda") else None)
+    trained = training.data_parallel(model, world_size, sharded, device)
     if master:
         mode = "full fine-tune" if not c.lora_rank else "QLoRA" if c.quantize == "nf4" else "LoRA"
-        split = "FSDP" if sharded else "DDP" if world_size > 1 else "one process"
         print(f"{mode} of {c.init_from}: {trainable / 1e6:.2f}M of {total / 1e6:.2f}M parameters train; "
               f"{len(splits['train'])} training, {len(splits['val'])} validation examples; "
-              f"{world_size} process(es) ({split}) on {device}, {dtype}\n{training.held_per_process(model)}")
+              f"{world_size} process(es) ({training.split_name(world_size, sharded)}) on {device}, {dtype}\n{training.held_per_process(model)}")
 
     def checkpoint(it, evaluated=True):
         """Every process takes part (FSDP gathers the shards); rank 0 writes."""

@@ -23,16 +23,15 @@ from types import SimpleNamespace
 
 import torch
 import torch.distributed as dist
-from torch.nn.parallel import DistributedDataParallel as DDP
 
 from cli import autocast, fail, pick_device, pick_dtype, run, writable_dir
 from data import batch_loader, read_meta
 from gpt import DownloadError, get_tokenizer
-from training import (agreed_stop, build_model, check_adapters, check_fsdp, due_for_eval, eval_line, evaluate,
-                      flops_per_token, full_state, gathered, held_per_process, log_record, log_step, lr_at,
+from training import (agreed_stop, build_model, check_adapters, check_fsdp, data_parallel, due_for_eval, eval_line,
+                      evaluate, flops_per_token, full_state, gathered, held_per_process, log_record, log_step, lr_at,
                       make_optimizer, make_scaler, matmul_flops, mean_over_ranks, memory_mb, plot_log,
                       rank_zero_first, restore_run, resumed_accumulation, run_config, run_state, save_checkpoint,
-                      setup_ddp, shard_model, stop_message, stop_signals, teardown_ddp, train_step)
+                      setup_ddp, shard_model, split_name, stop_message, stop_signals, teardown_ddp, train_step)
 
 # ----------------------------------------------------------------------------- defaults
 # I/O
@@ -136,9 +135,7 @@ def main(argv=None):
     log_path = os.path.join(c.out_dir, "log.jsonl")
     start_iter, best_val_loss = restore_run(ckpt, model, optimizer, scaler, log_path, write_files=master)
     fast = torch.compile(model) if c.compile else model  # checkpoints come from model: no _orig_mod. keys
-    trained = fast  # what the steps run: under DDP, wrapped to all-reduce the gradients
-    if world_size > 1 and not sharded:
-        trained = DDP(fast, device_ids=[device] if device.startswith("cuda") else None)
+    trained = data_parallel(fast, world_size, sharded, device)
     wandb_run = None
     if c.wandb_log and master:
         import wandb
@@ -149,9 +146,8 @@ def main(argv=None):
     peak = c.peak_flops or (312e12 if device.startswith("cuda") else matmul_flops(device, dtype))
     decay_iters = c.lr_decay_iters or c.max_iters
     if master:
-        split = "FSDP" if sharded else "DDP" if world_size > 1 else "one process"
         print(f"{model.num_params() / 1e6:.2f}M parameters, {tokens_per_iter:,} tokens per iteration, "
-              f"{world_size} process(es) ({split}) on {device}, {dtype}, peak {peak / 1e12:.3f} TFLOP/s for MFU\n"
+              f"{world_size} process(es) ({split_name(world_size, sharded)}) on {device}, {dtype}, peak {peak / 1e12:.3f} TFLOP/s for MFU\n"
               f"{held_per_process(model)}", flush=True)
 
     def checkpoint(it, evaluated=True):

@@ -17,6 +17,7 @@ import torch.distributed as dist
 from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict, get_optimizer_state_dict,
                                                      set_model_state_dict, set_optimizer_state_dict)
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+from torch.nn.parallel import DistributedDataParallel as DDP
 
 from cli import autocast, configure, fail
 from data import seed_for
@@ -204,6 +205,18 @@ def gathered(model, sharded):
     finally:
         if sharded:
             model.reshard()
+
+
+def data_parallel(module, world_size, sharded, device):
+    """What the steps run: under DDP the module wrapped to all-reduce the gradients; the module
+    itself in one process, or under FSDP, which reduces them by itself."""
+    if world_size == 1 or sharded:
+        return module
+    return DDP(module, device_ids=[device] if device.startswith("cuda") else None)
+
+
+def split_name(world_size, sharded):
+    return "FSDP" if sharded else "DDP" if world_size > 1 else "one process"
 
 
 def shard_model(model, device, dtype):
