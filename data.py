@@ -154,6 +154,30 @@ def read_meta(folder, block_size):
     return meta
 
 
+# ----------------------------------------------------------------------------- WikiText's files
+
+def require_pyarrow():
+    """Check, before anything is downloaded, that WikiText's parquet files can be read."""
+    try:
+        import pyarrow.parquet  # noqa: F401
+    except ImportError:
+        fail("wikitext comes as parquet files, which need pyarrow: pip install pyarrow")
+
+
+def wikitext_rows(path):
+    """The rows of a WikiText parquet file (one line of text each, '' for an empty line), in lists
+    of up to 8192, with the file's total row count: yields (rows, total)."""
+    import pyarrow.parquet as pq
+    try:
+        parquet = pq.ParquetFile(path)
+    except (OSError, ValueError) as e:  # pyarrow's errors derive from these
+        fail(f"{path}: not a parquet file ({e})")
+    if "text" not in parquet.schema_arrow.names:
+        fail(f"{path}: no 'text' column (it has {', '.join(parquet.schema_arrow.names)}); is it WikiText?")
+    for batch in parquet.iter_batches(batch_size=8192, columns=["text"]):
+        yield batch.column(0).to_pylist(), parquet.metadata.num_rows
+
+
 # ----------------------------------------------------------------------------- the Alpaca prompt
 
 # Stanford Alpaca's templates (github.com/tatsu-lab/stanford_alpaca, train.py's PROMPT_DICT), verbatim

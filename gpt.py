@@ -20,6 +20,7 @@ import time
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import requests
 import tiktoken
@@ -357,6 +358,13 @@ def hub_file(repo, filename, repo_type="model"):
     prefix = "datasets/" if repo_type == "dataset" else ""
     url = f"{endpoint}/{prefix}{repo}/resolve/main/{filename}"
     return download(url, cache_dir() / f"{repo_type}s" / repo / filename)
+
+
+def web_file(url):
+    """Path of the file at an http(s) URL, downloaded once into the cache under its host and path
+    (another URL is another file)."""
+    parts = urlsplit(url)
+    return download(url, cache_dir() / "web" / parts.netloc.replace(":", "_") / parts.path.lstrip("/"))
 
 
 _TRANSIENT = (requests.ConnectionError, requests.Timeout, requests.exceptions.ChunkedEncodingError)

@@ -41,7 +41,7 @@ from tqdm import tqdm
 
 import gpt
 from cli import configure, fail, run, writable_dir
-from data import read_tokens, shard_writer, token_dtype
+from data import read_tokens, require_pyarrow, shard_writer, token_dtype, wikitext_rows
 
 # ----------------------------------------------------------------------------- reading text
 
@@ -140,24 +140,17 @@ WIKI_TITLE = re.compile(r" = [^=].* = \n?")
 
 def articles(paths, bar):
     """(article, True) for each article of WikiText parquet files; see the module docstring."""
-    import pyarrow.parquet as pq
     lines = []
     bar.reset(total=sum(path.stat().st_size for path in paths))
     for path in paths:
-        try:
-            parquet = pq.ParquetFile(path)
-        except (OSError, ValueError) as e:  # pyarrow's errors derive from these
-            fail(f"{path}: not a parquet file ({e})")
-        if "text" not in parquet.schema_arrow.names:
-            fail(f"{path}: no 'text' column (it has {', '.join(parquet.schema_arrow.names)}); is it WikiText?")
-        rows, size = parquet.metadata.num_rows, path.stat().st_size
-        for batch in parquet.iter_batches(batch_size=8192, columns=["text"]):
-            for row in batch.column(0).to_pylist():
+        size = path.stat().st_size
+        for rows, total in wikitext_rows(path):
+            for row in rows:
                 if WIKI_TITLE.fullmatch(row) and (article := "".join(lines).strip()):
                     yield article, True
                     lines = []
                 lines.append(row or "\n")
-            bar.update(size * batch.num_rows / rows)  # the file's bytes, in proportion
+            bar.update(size * len(rows) / total)  # the file's bytes, in proportion
     if article := "".join(lines).strip():
         yield article, True
 
@@ -323,10 +316,8 @@ def fetch(source):
     try:
         if "repo" in source:
             return gpt.hub_file(source["repo"], source["file"], repo_type="dataset")
-        if "url" in source:  # cached under its host and path: another URL is another file
-            url = urlsplit(source["url"])
-            where = gpt.cache_dir() / "web" / url.netloc.replace(":", "_") / url.path.lstrip("/")
-            return gpt.download(source["url"], where)
+        if "url" in source:
+            return gpt.web_file(source["url"])
     except gpt.DownloadError as e:
         instead = ("HF_ENDPOINT=<a mirror of the hub>" if "repo" in source else
                    "--url=<another copy>, or a local copy with `python prepare_data.py text --input=input.txt "
@@ -372,10 +363,7 @@ def check(cfg):
     if urlsplit(cfg["url"]).scheme not in ("http", "https"):
         fail(f"--url={cfg['url']!r} is not an http(s) URL")
     if name.startswith("wikitext"):
-        try:
-            import pyarrow.parquet  # noqa: F401
-        except ImportError:
-            fail("wikitext comes as parquet files, which need pyarrow: pip install pyarrow")
+        require_pyarrow()
 
 
 def settings(cfg, enc):

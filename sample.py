@@ -10,15 +10,14 @@
 and prints only the response; without --adapter, the same command shows the base model's answer.
 """
 import codecs
-import os
 import sys
 
 import torch
 
 from cli import autocast, configure, fail, pick_device, pick_dtype, run
 from data import alpaca_prompt
-from gpt import GPT, DownloadError, get_tokenizer, load_adapter, read_adapter_config
-from training import load_checkpoint, model_from_checkpoint
+from gpt import DownloadError, get_tokenizer
+from training import load_model
 
 # ----------------------------------------------------------------------------- defaults
 init_from = ""          # gpt2 | gpt2-medium | ... | a local HF directory | resume; "": gpt2, or the adapter's base
@@ -38,32 +37,6 @@ adapter = ""            # a LoRA or QLoRA adapter directory (adapter.json + adap
 instruction = ""        # answer this instruction in the Alpaca format, printing only the response
 input = ""              # the instruction's input, if it has one
 # -----------------------------------------------------------------------------
-
-
-def load_model(cfg):
-    """The model and the name of its tokenizer."""
-    if cfg["init_from"] == "resume":  # out_dir/ckpt.pt of a train.py run or of a full fine-tune
-        if cfg["adapter"]:
-            fail("--adapter goes with a base model (--init_from=gpt2, ...), not with --init_from=resume")
-        ckpt = load_checkpoint(os.path.join(cfg["out_dir"], "ckpt.pt"))
-        return model_from_checkpoint(ckpt), ckpt["tokenizer"]
-    adapter_error = f"cannot load the adapter in {cfg['adapter']}"
-    try:
-        base = read_adapter_config(cfg["adapter"])["base_model"] if cfg["adapter"] else "gpt2"
-    except (OSError, ValueError) as e:
-        fail(f"{adapter_error}: {e}")
-    try:
-        model = GPT.from_pretrained(cfg["init_from"] or base)
-    except (ValueError, FileNotFoundError, DownloadError) as e:
-        fail(str(e))
-    if cfg["adapter"]:
-        try:
-            load_adapter(model, cfg["adapter"])
-        except (OSError, ValueError) as e:
-            fail(f"{adapter_error}: {e}")
-    if cfg["init_from"] and cfg["adapter"] and base != cfg["init_from"]:
-        print(f"note: the adapter was trained on {base}, it is applied to {cfg['init_from']}", file=sys.stderr)
-    return model, cfg["tokenizer"]
 
 
 def read_prompt(text):

@@ -21,7 +21,8 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 from cli import autocast, configure, fail
 from data import seed_for
-from gpt import GPT, DownloadError, GPTConfig, apply_lora, atomic_write, quantize_model
+from gpt import (GPT, DownloadError, GPTConfig, apply_lora, atomic_write, load_adapter, quantize_model,
+                 read_adapter_config)
 
 
 # ----------------------------------------------------------------------------- optimization
@@ -443,6 +444,34 @@ def build_model(c, vocab_size, ckpt):
     if vocab_size > model.config.vocab_size:
         fail(f"the dataset's vocabulary ({vocab_size}) is larger than the model's ({model.config.vocab_size})")
     return model
+
+
+def load_model(cfg):
+    """The model to sample from or evaluate, and the name of its tokenizer, from the settings
+    init_from (a gpt2* name, a local HF directory, resume: out_dir/ckpt.pt, or "": gpt2 or the
+    adapter's base), adapter and tokenizer. On the CPU."""
+    if cfg["init_from"] == "resume":  # out_dir/ckpt.pt of a train.py run or of a full fine-tune
+        if cfg["adapter"]:
+            fail("--adapter goes with a base model (--init_from=gpt2, ...), not with --init_from=resume")
+        ckpt = load_checkpoint(os.path.join(cfg["out_dir"], "ckpt.pt"))
+        return model_from_checkpoint(ckpt), ckpt["tokenizer"]
+    adapter_error = f"cannot load the adapter in {cfg['adapter']}"
+    try:
+        base = read_adapter_config(cfg["adapter"])["base_model"] if cfg["adapter"] else "gpt2"
+    except (OSError, ValueError) as e:
+        fail(f"{adapter_error}: {e}")
+    try:
+        model = GPT.from_pretrained(cfg["init_from"] or base)
+    except (ValueError, FileNotFoundError, DownloadError) as e:
+        fail(str(e))
+    if cfg["adapter"]:
+        try:
+            load_adapter(model, cfg["adapter"])
+        except (OSError, ValueError) as e:
+            fail(f"{adapter_error}: {e}")
+    if cfg["init_from"] and cfg["adapter"] and base != cfg["init_from"]:
+        print(f"note: the adapter was trained on {base}, it is applied to {cfg['init_from']}", file=sys.stderr)
+    return model, cfg["tokenizer"]
 
 
 # ----------------------------------------------------------------------------- measurements
