@@ -360,11 +360,16 @@ def hub_file(repo, filename, repo_type="model"):
     return download(url, cache_dir() / f"{repo_type}s" / repo / filename)
 
 
-def web_file(url):
-    """Path of the file at an http(s) URL, downloaded once into the cache under its host and path
-    (another URL is another file)."""
+def web_path(url):
+    """Where the cache keeps the file at an http(s) URL: under its host and path (another URL is
+    another file)."""
     parts = urlsplit(url)
-    return download(url, cache_dir() / "web" / parts.netloc.replace(":", "_") / parts.path.lstrip("/"))
+    return cache_dir() / "web" / parts.netloc.replace(":", "_") / parts.path.lstrip("/")
+
+
+def web_file(url):
+    """Path of the file at an http(s) URL, downloaded once into the cache."""
+    return download(url, web_path(url))
 
 
 _TRANSIENT = (requests.ConnectionError, requests.Timeout, requests.exceptions.ChunkedEncodingError)

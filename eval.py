@@ -1,0 +1,135 @@
+"""Score a model on the benchmarks GPT-2 is known by, print a table and write eval.json.
+
+    python eval.py --init_from=gpt2                                     # every task
+    python eval.py --init_from=gpt2-xl --tasks=hellaswag,lambada
+    python eval.py --init_from=resume --out_dir=out-tinystories --tasks=wikitext2
+    python eval.py --init_from=gpt2 --adapter=out-alpaca --tasks=hellaswag
+    python eval.py --init_from=gpt2 --tasks=wikitext103 --limit=200     # a quick look: the first 200 of each
+    torchrun --standalone --nproc_per_node=8 eval.py --init_from=gpt2-xl   # 8 processes share the examples
+
+  wikitext2, wikitext103  perplexity of the raw test split: per token (token_ppl), per WikiText word
+                          (word_ppl, the GPT-2 paper's Table 3 measure) and bits per byte
+  lambada                 OpenAI's LAMBADA test set: the last word right by greedy decoding (acc),
+                          and the perplexity of the last word (ppl)
+  hellaswag               the validation set, completion style: the likeliest of 4 endings by
+                          total (acc) or mean (acc_norm) log-probability per token
+README ("How good is the model?") says exactly how each is computed, beside the published figures.
+"""
+import json
+import os
+import sys
+import time
+from urllib.parse import urlsplit
+
+import torch
+import torch.distributed as dist
+
+import benchmarks
+from cli import configure, fail, pick_device, pick_dtype, run, writable_dir
+from data import require_pyarrow
+from gpt import DownloadError, atomic_write, get_tokenizer
+from training import load_model, rank_zero_first, setup_ddp, teardown_ddp
+
+# ----------------------------------------------------------------------------- defaults
+# the model
+init_from = ""            # gpt2 | gpt2-medium | ... | a local HF directory | resume; "": gpt2, or the adapter's base
+out_dir = "out"           # eval.json is written here; --init_from=resume reads ckpt.pt from here
+adapter = ""              # a LoRA or QLoRA adapter directory for init_from's model
+tokenizer = "gpt2"        # for a gpt2* name or HF directory; a checkpoint names its own
+# the tasks
+tasks = "wikitext2,wikitext103,lambada,hellaswag"
+limit = 0                 # >= 0; score only the first N examples of each task (WikiText: lines); 0: all
+stride = 0                # >= 0; how far each WikiText window moves on; 0: half the model's context (512 for GPT-2)
+wikitext_text = "detokenized"  # detokenized: the paper's way | guide: lines joined by blank lines, as transformers' guide
+lambada_url = benchmarks.LAMBADA_URL
+hellaswag_url = benchmarks.HELLASWAG_URL
+# system
+batch_size = 16           # >= 1; sequences per forward pass
+device = "auto"           # auto (cuda > mps > cpu) | cpu | cuda | cuda:1 | mps
+dtype = "auto"            # auto | float32 | bfloat16 | float16
+# -----------------------------------------------------------------------------
+
+
+def check(cfg):
+    """Every mistake in the options, before anything is downloaded."""
+    names = benchmarks.parse_tasks(cfg["tasks"], "--tasks")
+    if not names:
+        fail(f"--tasks is empty: name one or more of {', '.join(benchmarks.TASKS)}")
+    if cfg["wikitext_text"] not in ("detokenized", "guide"):
+        fail(f"--wikitext_text={cfg['wikitext_text']!r} is not one of 'detokenized', 'guide'")
+    for key in ("lambada_url", "hellaswag_url"):
+        if urlsplit(cfg[key]).scheme not in ("http", "https"):
+            fail(f"--{key}={cfg[key]!r} is not an http(s) URL")
+    if any(name in benchmarks.WIKITEXT for name in names):
+        require_pyarrow()
+    return names
+
+
+def table(results):
+    """The results as the lines of a table: task, metric, value, examples, seconds."""
+    lines = [f"{'task':12s} {'metric':14s} {'value':>10s} {'examples':>9s} {'seconds':>8s}"]
+    for name, result in results.items():
+        metrics = {k: v for k, v in result.items() if k not in ("examples", "seconds")}
+        for j, (metric, value) in enumerate(metrics.items()):
+            shown = f"{value:,d}" if isinstance(value, int) else f"{value:.4f}"
+            tail = f" {result['examples']:9,d} {result['seconds']:8.1f}" if j == 0 else ""
+            lines.append(f"{name if j == 0 else '':12s} {metric:14s} {shown:>10s}{tail}")
+    return lines
+
+
+def main(argv=None):
+    defaults = {k: v for k, v in globals().items() if not k.startswith("_") and isinstance(v, (int, float, str))}
+    cfg = configure(defaults, argv, doc=__doc__, source=__file__)
+    names = check(cfg)
+    writable_dir(cfg["out_dir"])
+    rank, world_size, device = setup_ddp(pick_device(cfg["device"]))
+    dtype = pick_dtype(cfg["dtype"], device)
+    with rank_zero_first():  # downloads, once per node
+        model, tokenizer_name = load_model(cfg)
+        config = model.config
+        if cfg["stride"] > config.block_size:
+            fail(f"--stride={cfg['stride']} is longer than the model's context of {config.block_size} tokens: "
+                 f"windows would skip tokens")
+        try:
+            enc = get_tokenizer(tokenizer_name)
+        except (ValueError, DownloadError) as e:
+            fail(str(e))
+        loaded = [benchmarks.load_task(name, enc, config, stride=cfg["stride"], limit=cfg["limit"],
+                                       text_form=cfg["wikitext_text"],
+                                       urls={"lambada": cfg["lambada_url"], "hellaswag": cfg["hellaswag_url"]})
+                  for name in names]
+    model.eval().to(device)
+    if world_size > 1:  # rank 0 alone read a checkpoint's weights: every process scores with them
+        for tensor in model.state_dict().values():
+            dist.broadcast(tensor, 0)
+
+    results = {}
+    for task in loaded:
+        same = next((done for done in loaded[:loaded.index(task)] if done.text and done.text == task.text), None)
+        if same is not None:  # the raw test splits of WikiText-2 and -103 are one text
+            results[task.name] = dict(results[same.name], seconds=0.0)
+            if rank == 0:
+                print(f"{task.name}: the same text as {same.name}, scored once", file=sys.stderr)
+            continue
+        start = time.perf_counter()
+        metrics = benchmarks.run_task(model, task, cfg["batch_size"], rank, world_size, device, dtype,
+                                      progress=rank == 0)
+        results[task.name] = {**metrics, "examples": task.count, "seconds": time.perf_counter() - start}
+    if rank == 0:
+        print("\n".join(table(results)))
+        path = os.path.join(cfg["out_dir"], "eval.json")
+        record = {"model": {k: cfg[k] for k in ("init_from", "adapter", "tokenizer")},
+                  "settings": {"limit": cfg["limit"], "stride": cfg["stride"] or config.block_size // 2,
+                               "wikitext_text": cfg["wikitext_text"], "block_size": config.block_size,
+                               "dtype": dtype, "device": device, "processes": world_size},
+                  "results": results}
+        if cfg["init_from"] == "resume":
+            record["model"]["checkpoint"] = os.path.join(cfg["out_dir"], "ckpt.pt")
+        with atomic_write(path) as f:
+            f.write((json.dumps(record, indent=2) + "\n").encode())
+        print(f"results in {path}")
+    teardown_ddp()
+
+
+if __name__ == "__main__":
+    run(main)
