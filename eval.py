@@ -21,7 +21,6 @@ import sys
 import time
 from urllib.parse import urlsplit
 
-import torch
 import torch.distributed as dist
 
 import benchmarks
