@@ -24,8 +24,9 @@ from types import SimpleNamespace
 import torch
 import torch.distributed as dist
 
+from benchmarks import WIKITEXT, load_task, parse_tasks, run_task
 from cli import autocast, fail, pick_device, pick_dtype, run, writable_dir
-from data import batch_loader, read_meta
+from data import batch_loader, read_meta, require_pyarrow
 from gpt import DownloadError, get_tokenizer
 from training import (agreed_stop, build_model, check_adapters, check_fsdp, data_parallel, due_for_eval, eval_line,
                       evaluate, flops_per_token, full_state, gathered, held_per_process, log_record, log_step, lr_at,
@@ -42,6 +43,8 @@ log_interval = 10         # >= 1
 init_from = "scratch"     # scratch | resume | gpt2 | gpt2-medium | gpt2-large | gpt2-xl | a local HF directory
 sample_prompt = ""        # the fixed prompt sampled from at each evaluation; empty: <|endoftext|>
 sample_tokens = 48        # >= 0; 0: no sample
+eval_tasks = ""           # benchmarks scored at every evaluation, e.g. hellaswag or wikitext2,lambada (eval.py's tasks)
+eval_limit = 0            # >= 0; only the first N examples of each eval task (WikiText: lines); 0: all
 wandb_log = False
 wandb_project = "gpt2ref"
 wandb_run_name = "train"
@@ -97,6 +100,9 @@ def main(argv=None):
         fail("--activation_checkpointing with --compile recomputes dropout with other masks than the forward "
              "pass drew (torch.compile does not replay the random state), so the gradients would be wrong: "
              "use --dropout=0 (and --lora_dropout=0), or --compile=False")
+    task_names = parse_tasks(c.eval_tasks, "--eval_tasks")
+    if any(name in WIKITEXT for name in task_names):
+        require_pyarrow()
     writable_dir(c.out_dir)
 
     rank, world_size, device = setup_ddp(pick_device(c.device))
@@ -117,8 +123,9 @@ def main(argv=None):
         fail(str(e))
     prompt = enc.encode(c.sample_prompt, allowed_special={"<|endoftext|>"}) if c.sample_prompt else [enc.eot_token]
 
-    with rank_zero_first():  # GPT-2's weights are downloaded once
+    with rank_zero_first():  # GPT-2's weights and the benchmarks' files are downloaded once
         model = build_model(c, meta["vocab_size"], ckpt).to(device)
+        tasks = [load_task(name, enc, model.config, limit=c.eval_limit) for name in task_names]
     if c.block_size > model.config.block_size:
         fail(f"--block_size={c.block_size} is longer than the model's context of {model.config.block_size}")
     vocab = model.config.vocab_size
@@ -175,11 +182,18 @@ def main(argv=None):
             if due_for_eval(it, c.eval_interval, c.max_iters, ckpt, start_iter):
                 losses = evaluate(fast, get_batch, c.eval_iters, rank, world_size, device, step_dtype)
                 best_val_loss = min(best_val_loss, losses["val"])
+                scores = {}
+                with gathered(model, sharded):  # the benchmarks score past forward(), like generation
+                    for task in tasks:
+                        for metric, value in run_task(model, task, c.batch_size, rank, world_size, device,
+                                                      step_dtype).items():
+                            scores[f"{task.name}_{metric}"] = value
                 text = sample() if c.sample_tokens and (master or sharded) else ""
                 if master:
-                    print(f"{eval_line(it, losses, best_val_loss)}, sample: {text!r}", flush=True)
+                    shown = "".join(f", {k} {v:.4f}" for k, v in scores.items() if isinstance(v, float))
+                    print(f"{eval_line(it, losses, best_val_loss)}{shown}, sample: {text!r}", flush=True)
                     log_record(log_path, {"iter": it, "train_loss": losses["train"], "val_loss": losses["val"],
-                                          "best_val_loss": best_val_loss, "sample": text}, wandb_run)
+                                          "best_val_loss": best_val_loss, **scores, "sample": text}, wandb_run)
                     plot_log(log_path, os.path.join(c.out_dir, "loss.png"))
                 checkpoint(it)
                 t_last, it_last = time.perf_counter(), it  # evaluation time is not training time

@@ -19,6 +19,7 @@ from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 from torch.nn.parallel import DistributedDataParallel as DDP
 
+from benchmarks import TASKS
 from cli import autocast, configure, fail
 from data import seed_for
 from gpt import (GPT, DownloadError, GPTConfig, apply_lora, atomic_write, load_adapter, quantize_model,
@@ -543,15 +544,27 @@ def truncate_log(path, size):
 
 
 def plot_log(log_path, png_path):
-    """Redraw loss, learning rate, throughput and memory from the log into png_path."""
+    """Redraw loss, learning rate, throughput and memory from the log into png_path; and, for a run
+    with --eval_tasks, the benchmarks' accuracies and perplexities."""
     from matplotlib.figure import Figure  # no pyplot: no GUI backend, no global figure list
     records = [json.loads(line) for line in open(log_path)]
     steps = [r for r in records if "loss" in r]
     evals = [r for r in records if "val_loss" in r]
-    fig = Figure(figsize=(11, 7))
-    fig.subplots_adjust(left=0.07, right=0.97, bottom=0.08, top=0.95, hspace=0.35, wspace=0.2)
+    scores = sorted({k for r in evals for k in r if k.partition("_")[0] in TASKS})
+    panels = {"benchmark accuracy": [k for k in scores if k.endswith(("_acc", "_acc_norm"))],
+              "benchmark perplexity": [k for k in scores if k.endswith("_ppl")]}
+    rows = 3 if scores else 2
+    fig = Figure(figsize=(11, 3.5 * rows))
+    fig.subplots_adjust(left=0.07, right=0.97, bottom=0.24 / rows, top=1 - 0.1 / rows, hspace=0.35, wspace=0.2)
     # one iteration axis for all: the steps are logged every log_interval, the evaluations at the end too
-    (ax_loss, ax_lr), (ax_speed, ax_mem) = fig.subplots(2, 2, sharex=True)
+    axes = fig.subplots(rows, 2, sharex=True)
+    (ax_loss, ax_lr), (ax_speed, ax_mem) = axes[:2]
+    for ax, (title, keys) in zip(axes[2] if scores else (), panels.items()):
+        for key in keys:
+            ax.plot([r["iter"] for r in evals if key in r], [r[key] for r in evals if key in r], marker="o", label=key)
+        ax.set(title=title, yscale="log" if title.endswith("perplexity") and keys else "linear")
+        if keys:
+            ax.legend()
     ax_loss.plot([r["iter"] for r in steps], [r["loss"] for r in steps], lw=0.8, alpha=0.6, label="train (batch)")
     for key, label in (("train_loss", "train (eval)"), ("val_loss", "val")):
         ax_loss.plot([r["iter"] for r in evals], [r[key] for r in evals], marker="o", label=label)
@@ -561,7 +574,7 @@ def plot_log(log_path, png_path):
                            (ax_mem, "mem", "peak memory (MB)")):
         ax.plot([r["iter"] for r in steps], [r[key] for r in steps])
         ax.set(title=title)
-    for ax in (ax_speed, ax_mem):
+    for ax in axes[-1]:
         ax.set(xlabel="iteration")
     with atomic_write(png_path) as f:
         fig.savefig(f, format="png", dpi=90)

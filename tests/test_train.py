@@ -518,3 +518,94 @@ def test_sigkill_in_the_middle_of_an_fsdp_checkpoint_write_leaves_the_last_one_w
     assert ckpt["world_size"] == 2
     run(["--init_from=resume", f"--max_iters={ckpt['iter'] + 2}"], data_dir, tmp_path, tiny=False)  # on 1 process
     assert training.load_checkpoint(tmp_path / "ckpt.pt")["iter"] == ckpt["iter"] + 2
+
+
+# ----------------------------------------------------------------------------- benchmarks during training
+
+@pytest.fixture
+def task_cache(tmp_path, monkeypatch):
+    """A dataset in GPT-2's vocabulary, and HellaSwag and LAMBADA files (in their real layouts) already
+    in the download cache, where eval.py's downloads would put them."""
+    import gpt
+    import benchmarks
+    root = tmp_path / "data" / "wide"
+    root.mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    for split in ("train", "val"):
+        write_tokens(root / f"{split}.bin", rng.integers(0, 50257, size=4000), 50257)
+    (root / "meta.json").write_text(json.dumps({"tokenizer": "gpt2", "vocab_size": 50257, "eot_token": 50256}))
+    monkeypatch.setenv("GPT2REF_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # nothing may be downloaded
+    words = "the cat sat on a mat and then a dog ran far away from home".split()
+    hellaswag = [{"ctx": " ".join(rng.choice(words, size=rng.integers(3, 20))), "label": int(rng.integers(4)),
+                  "endings": [" ".join(rng.choice(words, size=rng.integers(1, 9))) for _ in range(4)]} for _ in range(7)]
+    lambada = [{"text": " ".join(rng.choice(words, size=rng.integers(4, 30)))} for _ in range(6)]
+    for url, records in ((benchmarks.HELLASWAG_URL, hellaswag), (benchmarks.LAMBADA_URL, lambada)):
+        gpt.web_path(url).parent.mkdir(parents=True)
+        gpt.web_path(url).write_text("".join(json.dumps(r) + "\n" for r in records))
+    return tmp_path / "data"
+
+
+BENCH = ["--dataset=wide", "--eval_tasks=hellaswag,lambada", "--eval_limit=5", "--max_iters=4", "--eval_interval=2",
+         "--sample_tokens=0"]
+
+
+def test_eval_tasks_are_scored_logged_and_plotted(task_cache, tmp_path, capsys, monkeypatch):
+    """Each evaluation scores the tasks (their first eval_limit examples), prints and logs them; the
+    last one's numbers are those of the checkpoint's model; loss.png gets the benchmark panels."""
+    import benchmarks
+    import gpt
+    from matplotlib.figure import Figure
+    out = tmp_path / "out"
+    train.main([*TINY, *BENCH, f"--data_dir={task_cache}", f"--out_dir={out}"])
+    printed = [line for line in capsys.readouterr().out.splitlines() if line.startswith("eval ")]
+    assert len(printed) == 3 and all("hellaswag_acc_norm" in line and "lambada_ppl" in line for line in printed)
+    _, evals = read_log(out)
+    assert [r["iter"] for r in evals] == [0, 2, 4]
+    model = training.model_from_checkpoint(training.load_checkpoint(out / "ckpt.pt"))
+    enc = gpt.get_tokenizer("gpt2")
+    for name in ("hellaswag", "lambada"):
+        task = benchmarks.load_task(name, enc, model.config, limit=5)
+        assert task.count == 5
+        for metric, value in benchmarks.run_task(model, task).items():
+            assert evals[-1][f"{name}_{metric}"] == pytest.approx(value, rel=1e-9)
+    assert 0 <= evals[-1]["hellaswag_acc"] <= 1 and evals[-1]["lambada_ppl"] > 1
+    figures = []
+    save = Figure.savefig
+    monkeypatch.setattr(Figure, "savefig", lambda fig, *a, **k: figures.append(fig) or save(fig, *a, **k))
+    training.plot_log(out / "log.jsonl", tmp_path / "loss.png")
+    panels = {ax.get_title(): [line.get_label() for line in ax.get_lines()] for ax in figures[0].axes}
+    assert panels["benchmark accuracy"] == ["hellaswag_acc", "hellaswag_acc_norm", "lambada_acc"]
+    assert panels["benchmark perplexity"] == ["lambada_ppl"]
+
+
+def test_eval_tasks_under_fsdp_score_what_one_process_scores(task_cache, tmp_path):
+    """Under FSDP the tasks' forward passes are collective: both processes run as many (7 examples
+    in batches of 4 rows: an odd number of batches), and the numbers are one process's."""
+    args = [*BENCH, "--max_iters=0", "--eval_limit=7"]
+    run(args, task_cache, tmp_path / "one")
+    run([*args, "--fsdp=True"], task_cache, tmp_path / "two", nproc=2)
+    (one,), (two,) = read_log(tmp_path / "one")[1], read_log(tmp_path / "two")[1]
+    scores = [k for k in one if k.startswith(("hellaswag", "lambada"))]
+    assert len(scores) == 4
+    for key in scores:
+        assert two[key] == pytest.approx(one[key], rel=1e-6), key
+
+
+def test_eval_tasks_mistakes_are_one_line(data_dir, tmp_path, capsys, monkeypatch):
+    with pytest.raises(SystemExit) as e:
+        train.main([*TINY, f"--data_dir={data_dir}", f"--out_dir={tmp_path}", "--eval_tasks=hellaswag,mmlu"])
+    assert e.value.code == 2 and "unknown task 'mmlu'" in capsys.readouterr().err
+    monkeypatch.setenv("GPT2REF_CACHE", str(tmp_path / "empty"))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(SystemExit) as e:
+        train.main([*TINY, f"--data_dir={data_dir}", f"--out_dir={tmp_path}", "--eval_tasks=lambada"])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and "lambada_test.jsonl is not cached" in err and len(err.strip().splitlines()) == 1
+
+
+def test_eval_tasks_beyond_the_models_vocabulary_are_one_line(data_dir, task_cache, tmp_path, capsys):
+    """The toy dataset's model knows 128 tokens; GPT-2's tokenizer gives LAMBADA's text larger ids."""
+    with pytest.raises(SystemExit) as e:
+        train.main([*TINY, f"--data_dir={data_dir}", f"--out_dir={tmp_path / 'out'}", "--eval_tasks=lambada"])
+    assert e.value.code == 2 and "beyond the model's vocabulary of 128" in capsys.readouterr().err
