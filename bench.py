@@ -8,6 +8,7 @@ Each section returns rows (what, value, unit); where transformers is installed, 
 the same run as the reference to beat.
 """
 import ctypes
+import dataclasses
 import json
 import multiprocessing
 import os
@@ -23,8 +24,9 @@ import numpy as np
 import torch
 from torch.nn.parallel import DistributedDataParallel as DDP
 
+import benchmarks
 import gpt
-from cli import autocast, configure, fail, run
+from cli import autocast, configure, fail, pick_dtype, run
 from gpt import GPT, GPTConfig
 from training import (flops_per_token, held_per_process, make_optimizer, make_scaler, matmul_flops, setup_ddp,
                       shard_model, teardown_ddp, train_step)
@@ -354,18 +356,200 @@ def bench_parallel(n_layer=24, n_head=16, n_embd=1024, batch_size=2, block_size=
     return rows
 
 
+def synthetic_hellaswag(n_examples, vocab_size, seed=0):
+    """HellaSwag's shape in random tokens: a context of 40-60 tokens and 4 endings of 15-30, each
+    ending a request (context + ending, its length); scored as benchmarks.hellaswag scores."""
+    rng = np.random.default_rng(seed)
+    examples, labels = [], rng.integers(0, 4, n_examples)
+    for _ in range(n_examples):
+        context = rng.integers(0, vocab_size, rng.integers(40, 61)).tolist()
+        endings = [rng.integers(0, vocab_size, rng.integers(15, 31)).tolist() for _ in range(4)]
+        examples.append([(context + ending, len(ending)) for ending in endings])
+
+    def values(i, scores):
+        logprob, lengths = np.array([s for s, _ in scores]), np.array([n for _, n in examples[i]])
+        return float(logprob.argmax() == labels[i]), float((logprob / lengths).argmax() == labels[i])
+
+    return benchmarks.Task("hellaswag", examples, values, lambda table: {"acc_norm": table[:, 1].mean()}, 2,
+                           n_examples, "examples")
+
+
+def synthetic_wikitext(n_tokens, vocab_size, block, stride, seed=0):
+    """WikiText's shape: one stream of n_tokens random tokens in benchmarks.wikitext_windows."""
+    tokens = np.random.default_rng(seed).integers(0, vocab_size, n_tokens).tolist()
+    examples = [[(tokens[begin:end + 1], n)] for begin, end, n in benchmarks.wikitext_windows(n_tokens, block, stride)]
+
+    def summarize(table):
+        return {"token_ppl": float(np.exp(table[:, 0].sum() / table[:, 1].sum())), "tokens": int(table[:, 1].sum())}
+
+    return benchmarks.Task("wikitext", examples, lambda i, scores: (-scores[0][0], examples[i][0][1]), summarize, 2,
+                           len(examples), "windows")
+
+
+@torch.no_grad()
+def one_at_a_time(model, task, dtype):
+    """task's summary the straightforward way: one request per forward pass, the logits of every
+    position from model(x), the log-softmax of the scored ones."""
+    block, table = model.config.block_size, np.zeros((len(task.examples), task.width))
+    for i, example in enumerate(task.examples):
+        scores = []
+        for tokens, n in example:
+            row = torch.tensor(tokens[-(block + 1):])
+            n = min(n, len(row) - 1)
+            with autocast("cpu", dtype):
+                logits, _ = model(row[None, :-1])
+            logprobs, targets = logits[0, -n:].float().log_softmax(-1), row[-n:]
+            scores.append((logprobs.gather(1, targets[:, None]).sum().item(),
+                           bool((logprobs.argmax(-1) == targets).all())))
+        table[i] = task.values(i, scores)
+    return task.summarize(table)
+
+
+def forward_flops(config, body_params, rows, seq_len, logit_rows):
+    """FLOPs of a forward pass over rows x seq_len tokens (training.flops_per_token's count, a third
+    of it: 2 per weight, attention over seq_len) with logit_rows rows through the lm_head."""
+    return (rows * seq_len * flops_per_token(config, body_params, seq_len) / 3
+            + 2 * config.n_embd * config.vocab_size * logit_rows)
+
+
+def task_flops(config, body_params, task, batch_size):
+    """(FLOPs one request at a time with every position's logits, FLOPs of run_task's batches: their
+    padding included, logits only where scored)."""
+    block = config.block_size
+    inputs = [[min(len(tokens), block + 1) - 1 for tokens, _ in example] for example in task.examples]
+    lengths = [[(t, min(n, t)) for t, (_, n) in zip(ts, example)] for ts, example in zip(inputs, task.examples)]
+    alone = sum(forward_flops(config, body_params, 1, t, t) for example in lengths for t, _ in example)
+    batched = 0
+    for batch in benchmarks.batches_of(task.examples, batch_size):
+        requests = [r for i in batch for r in lengths[i]]
+        batched += forward_flops(config, body_params, len(requests), max(t for t, _ in requests),
+                                 sum(n for _, n in requests))
+    return alone, batched
+
+
+def linear_flops(rows, n_embd, dtype, seconds=0.5):
+    """FLOP/s of the fastest (rows x n_embd) @ (n_embd x 4 n_embd) matmul, the MLP's, in dtype."""
+    a, b = (torch.randn(*shape, dtype=getattr(torch, dtype)) for shape in ((rows, n_embd), (n_embd, 4 * n_embd)))
+    a @ b
+    best, start = float("inf"), time.perf_counter()
+    while time.perf_counter() - start < seconds:
+        t0 = time.perf_counter()
+        a @ b
+        best = min(best, time.perf_counter() - t0)
+    return 2 * rows * n_embd * 4 * n_embd / best
+
+
+def bench_eval(hellaswag_examples=24, wikitext_tokens=4096, batch_size=16):
+    """eval.py's scoring at GPT-2 124M shape (random weights) on synthetic tasks in the real shapes:
+    HellaSwag-like examples (a 40-60-token context, 4 endings of 15-30 tokens) and a WikiText-like
+    stream of wikitext_tokens random tokens in windows of 1024 moving by 512. benchmarks.run_task
+    at batch_size requests per forward pass against one request per forward pass with the logits of
+    every position (model(x)), each in float32 and in bfloat16 autocast where cli.pick_dtype picks
+    it on this CPU (eval.py's default). FLOP/s of the forward passes (training.flops_per_token's
+    count, a third: padding included, the lm_head where it runs) against the 2048x2048 matmul peak
+    of the same dtype measured in the same run; the (rows x 768) @ (768 x 3072) matmul at one
+    request's rows and a batch's says what efficiency batching can win back. Goal: eval.py's
+    defaults at least 3x faster than the float32 loop."""
+    torch.manual_seed(0)
+    model = GPT(GPTConfig()).eval()
+    config = model.config
+    body = model.num_params() - model.transformer.wte.weight.numel()  # the lm_head is counted where it runs
+    tasks = {"hellaswag": (synthetic_hellaswag(hellaswag_examples, config.vocab_size), "examples/s"),
+             "wikitext": (synthetic_wikitext(wikitext_tokens, config.vocab_size, config.block_size,
+                                             config.block_size // 2), "tokens/s")}
+    default = pick_dtype("auto", "cpu")
+    dtypes = ["float32"] + (["bfloat16"] if default == "bfloat16" else [])
+    rows, speed, seconds, mfu, peaks, efficiency, cast = [], {}, {}, {}, {}, {}, {}
+    flops = {name: task_flops(config, body, task, batch_size) for name, (task, _) in tasks.items()}
+    # HellaSwag's matmul rows: one request's tokens; a batch's, its padding included
+    hellaswag = tasks["hellaswag"][0].examples
+    small = round(statistics.mean(len(tokens) - 1 for example in hellaswag for tokens, _ in example))
+    batches = [[r for i in b for r in hellaswag[i]] for b in benchmarks.batches_of(hellaswag, batch_size)]
+    large = round(statistics.mean(len(b) * (max(len(tokens) for tokens, _ in b) - 1) for b in batches))
+    for dtype in dtypes:
+        peaks[dtype] = matmul_flops("cpu", dtype, n=2048, seconds=2.0)
+        rows.append((f"{dtype} matmul peak (2048x2048)", peaks[dtype] / 1e12, "TFLOP/s"))
+        for r in (small, large):
+            efficiency[dtype, r] = 100 * linear_flops(r, config.n_embd, dtype) / peaks[dtype]
+            rows.append((f"{dtype} matmul {r}x768 @ 768x3072, of peak", efficiency[dtype, r], "%"))
+        if dtype != "float32":  # autocast casts every weight (and bias) a matmul reads, in every forward pass
+            weights = [t for m in model.modules() if isinstance(m, torch.nn.Linear) for t in (m.weight, m.bias)
+                       if t is not None]
+            cast[dtype] = timed(lambda: [t.to(getattr(torch, dtype)) for t in weights], repeat=3)
+            rows.append((f"{dtype} autocast: weight casts per forward", 1000 * cast[dtype], "ms"))
+        for name, (task, unit) in tasks.items():
+            count = hellaswag_examples if name == "hellaswag" else wikitext_tokens - 1
+            first = dataclasses.replace(task, examples=task.examples[:1])  # each way's warm-up: the first example
+            one_at_a_time(model, first, dtype)
+            t0 = time.perf_counter()
+            alone = one_at_a_time(model, task, dtype)
+            t_alone = time.perf_counter() - t0
+            benchmarks.run_task(model, first, batch_size, dtype=dtype)
+            t0 = time.perf_counter()
+            batched = benchmarks.run_task(model, task, batch_size, dtype=dtype)
+            t_batched = time.perf_counter() - t0
+            # the same numbers both ways (float32): WikiText's perplexity, HellaSwag's choices but a near tie
+            metric, tolerance = (("token_ppl", 1e-4 * alone["token_ppl"]) if name == "wikitext"
+                                 else ("acc_norm", 1.01 / count))
+            if dtype == "float32" and abs(alone[metric] - batched[metric]) > tolerance:
+                raise RuntimeError(f"{name}: one at a time gives {metric} {alone[metric]}, run_task {batched[metric]}")
+            for way, t, work in (("one at a time", t_alone, flops[name][0]),
+                                 (f"run_task batch {batch_size}", t_batched, flops[name][1])):
+                seconds[name, dtype, way[:3]], speed[name, dtype, way[:3]] = t, count / t
+                mfu[name, dtype, way[:3]] = 100 * work / t / peaks[dtype]
+                rows += [(f"{name} {dtype}, {way}", count / t, unit),
+                         (f"{name} {dtype}, {way}: MFU", mfu[name, dtype, way[:3]], "%")]
+            rows.append((f"{name} {dtype}: batched vs one at a time", t_alone / t_batched, "x"))
+    for name, (task, _) in tasks.items():
+        per = hellaswag_examples if name == "hellaswag" else wikitext_tokens - 1
+        what = "example" if name == "hellaswag" else "1k tokens"
+        scale = 1 if name == "hellaswag" else 1000
+        rows += [(f"{name} work per {what}, one at a time", flops[name][0] / per * scale / 1e9, "GFLOP"),
+                 (f"{name} work per {what}, run_task", flops[name][1] / per * scale / 1e9, "GFLOP")]
+    short = {"float32": "f32", "bfloat16": "bf16"}
+    for name in tasks:
+        rows.append((f"{name} {short[default]} batched / f32 loop (goal >= 3)",
+                     speed[name, default, "run"] / speed[name, "float32", "one"], "x"))
+    for name, (task, _) in tasks.items():  # why short of 3x, in the figures above
+        alone = {d: speed[name, d, "run"] / speed[name, d, "one"] for d in dtypes}
+        goal = speed[name, default, "run"] / speed[name, "float32", "one"]
+        if min(alone.values()) >= 3 and goal >= 3:
+            continue
+        work, ds = flops[name][0] / flops[name][1], " / ".join(dtypes)
+
+        def each(form, figure, unit):
+            return " / ".join(format(figure(d), form) + unit for d in dtypes)
+        if name == "hellaswag":
+            rows_are = (f"a {small}-row matmul already reaches {each('.0f', lambda d: efficiency[d, small], '%')} of "
+                        f"peak ({large} rows: {each('.0f', lambda d: efficiency[d, large], '%')})")
+        else:
+            rows_are = f"each window is already {config.block_size} rows"
+        rates = " / ".join(f"{mfu[name, d, 'one']:.0f}% -> {mfu[name, d, 'run']:.0f}%" for d in dtypes)
+        requests = sum(map(len, task.examples))
+        casts = "".join(f"; the {d} loop spends {100 * cast[d] * requests / seconds[name, d, 'one']:.0f}% of its "
+                        f"time casting weights (autocast, every forward)" for d in dtypes if d in cast)
+        print(f"eval       {name}: batching alone {each('.2f', alone.get, 'x')} ({ds}), {default} batched {goal:.2f}x "
+              f"the float32 loop; short of 3x: {1 / work:.2f}x the work (logits only where scored) at {rates} of "
+              f"peak, and {rows_are}, so even at 100% of peak batching alone would give at most "
+              f"{each('.2f', lambda d: work * 100 / mfu[name, d, 'one'], 'x')}{casts}", flush=True)
+    return rows
+
+
 BENCHES = {"generate": bench_generate, "finetune": bench_finetune, "tokenize": bench_tokenize, "train": bench_train,
-           "parallel": bench_parallel}
+           "parallel": bench_parallel, "eval": bench_eval}
 
 # ----------------------------------------------------------------------------- defaults
 DEFAULTS = {
-    "only": "",                 # sections, comma-separated: generate, finetune, tokenize, train, parallel; "": all
+    "only": "",                 # sections, comma-separated: generate, finetune, tokenize, train, parallel, eval; "": all
     "out": "bench.json",        # where the figures go
     "tokenize_mb": 200,         # >= 1; size of the generated corpus
     "finetune_n_layer": 24,     # >= 1; 24 is GPT-2 medium's depth
     "train_steps": 5,           # >= 1; timed training steps
     "parallel_n_layer": 24,     # >= 1; 24 is GPT-2 medium's depth
     "parallel_steps": 2,        # >= 1; timed steps per case, after a warm-up; their median counts
+    "eval_hellaswag_examples": 24,  # >= 1; synthetic HellaSwag examples (4 requests each)
+    "eval_wikitext_tokens": 4096,   # >= 2; the synthetic WikiText stream, in windows of 1024 moving by 512
+    "eval_batch_size": 16,      # >= 1; requests per forward pass in run_task, eval.py's default
 }
 # -----------------------------------------------------------------------------
 
