@@ -251,3 +251,44 @@ def test_two_processes_give_exactly_the_numbers_of_one(models, mirror, tmp_path)
     for name in results[0]:
         results[0][name].pop("seconds"), results[1][name].pop("seconds")
     assert results[0] == results[1]
+
+
+def test_a_checkpoint_and_an_adapter_are_scored_as_loaded(models, mirror, tmp_path):
+    """--init_from=resume reads out_dir/ckpt.pt; --adapter applies a LoRA adapter (perturbed, so
+    that it changes the numbers) to its base model: eval.py's numbers are those of the same models
+    scored in-process."""
+    from dataclasses import asdict
+    import training
+    path, _, ours = models
+    hub, urls, cache = mirror
+    env = {"HF_ENDPOINT": hub.url, "GPT2REF_CACHE": str(cache)}
+    enc = tiktoken.get_encoding("gpt2")
+    before = os.environ.get("GPT2REF_CACHE")
+    os.environ["GPT2REF_CACHE"] = str(cache)
+    try:
+        task = benchmarks.load_task("lambada", enc, ours.config, urls={"lambada": urls[0].split("=", 1)[1]})
+    finally:
+        os.environ.pop("GPT2REF_CACHE") if before is None else os.environ.update(GPT2REF_CACHE=before)
+    trained = gpt.GPT.from_pretrained(path)
+    with torch.no_grad():
+        trained.transformer.h[0].mlp.c_fc.weight.mul_(3.0)
+    (tmp_path / "run").mkdir()
+    training.save_checkpoint(tmp_path / "run" / "ckpt.pt", {
+        "model": trained.state_dict(), "config": {"lora_rank": 0, "quantize": "none"},
+        "model_args": asdict(trained.config), "iter": 0, "tokenizer": "gpt2"})
+    adapted = gpt.GPT.from_pretrained(path)
+    gpt.apply_lora(adapted, 4, 8.0)
+    torch.manual_seed(5)
+    with torch.no_grad():
+        for layer in gpt.lora_layers(adapted).values():
+            layer.lora_B.normal_(std=0.5)
+    gpt.save_adapter(adapted, tmp_path / "adapter", base_model=path)
+    for args, model in ((["--init_from=resume", f"--out_dir={tmp_path / 'run'}"], trained),
+                        ([f"--adapter={tmp_path / 'adapter'}", f"--out_dir={tmp_path / 'a'}"], adapted)):
+        result = eval_py(*args, "--tasks=lambada", urls[0], env=env)
+        assert result.returncode == 0, result.stderr[-2000:]
+        out_dir = args[-1].split("=", 1)[1]
+        saved = json.loads((Path(out_dir) / "eval.json").read_text())["results"]["lambada"]
+        expected = benchmarks.run_task(model.eval(), task)
+        assert saved["ppl"] == pytest.approx(expected["ppl"], rel=1e-9) and saved["acc"] == expected["acc"]
+        assert saved["ppl"] != pytest.approx(benchmarks.run_task(ours, task)["ppl"], rel=1e-3)
