@@ -21,6 +21,7 @@ import sys
 import time
 from urllib.parse import urlsplit
 
+import torch
 import torch.distributed as dist
 
 import benchmarks
@@ -101,6 +102,8 @@ def main(argv=None):
     if world_size > 1:  # rank 0 alone read a checkpoint's weights: every process scores with them
         for tensor in model.state_dict().values():
             dist.broadcast(tensor, 0)
+    if dtype != "float32":
+        model.cast_for_inference(getattr(torch, dtype))
 
     results = {}
     for task in loaded:

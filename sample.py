@@ -13,6 +13,7 @@ import codecs
 import sys
 
 import torch
+from tqdm import tqdm
 
 from cli import autocast, configure, fail, pick_device, pick_dtype, run
 from data import alpaca_prompt
@@ -23,7 +24,7 @@ from training import load_model
 init_from = ""          # gpt2 | gpt2-medium | ... | a local HF directory | resume; "": gpt2, or the adapter's base
 out_dir = "out"         # where --init_from=resume finds ckpt.pt
 start = ""              # the prompt, or FILE:path to read it from a file; empty starts from <|endoftext|>
-num_samples = 1         # >= 1
+num_samples = 1         # >= 1; several are decoded together, as the rows of one batch
 max_new_tokens = 200    # >= 1
 temperature = 0.8       # >= 0; 0 is greedy
 top_k = 200             # >= 0; 0 turns top-k filtering off
@@ -58,9 +59,14 @@ def encode_prompt(enc, text, block_size):
     return ids
 
 
+def end_of_text(model, enc):
+    """The token that ends a text, if the model's vocabulary has it."""
+    return enc.eot_token if enc.eot_token < model.config.vocab_size else None
+
+
 def stream(model, enc, ids, cfg, device):
     """Generate after ids, writing each piece of text as soon as its bytes decode."""
-    eos = enc.eot_token if enc.eot_token < model.config.vocab_size else None
+    eos = end_of_text(model, enc)
     decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")  # a token can end mid-character
     idx = torch.tensor([ids], dtype=torch.long, device=device)
     with autocast(device, cfg["dtype"]):
@@ -72,6 +78,21 @@ def stream(model, enc, ids, cfg, device):
             sys.stdout.flush()
     sys.stdout.write(decoder.decode(b"", final=True) + "\n")
     sys.stdout.flush()
+
+
+def several(model, enc, ids, cfg, device):
+    """num_samples continuations of ids, decoded together as the rows of one batch (each step reads
+    the weights once for all of them) with a progress bar; their texts, each cut at its end of text."""
+    eos, n = end_of_text(model, enc), cfg["num_samples"]
+    idx = torch.tensor([ids] * n, dtype=torch.long, device=device)
+    rows = [[] for _ in range(n)]
+    with autocast(device, cfg["dtype"]):
+        tokens = model.generate_stream(idx, cfg["max_new_tokens"], cfg["temperature"], cfg["top_k"] or None,
+                                       cfg["top_p"], eos_id=eos)
+        for token in tqdm(tokens, total=cfg["max_new_tokens"], desc=f"{n} samples", unit="token", leave=False):
+            for row, t in zip(rows, token[:, 0].tolist()):
+                row.append(t)
+    return [enc.decode(row[:row.index(eos)] if eos in row else row) for row in rows]
 
 
 def interact(model, enc, cfg):
@@ -106,6 +127,8 @@ def main(argv=None):
     torch.manual_seed(cfg["seed"])
     model, tokenizer_name = load_model(cfg)
     model.eval().to(cfg["device"])
+    if cfg["dtype"] != "float32":
+        model.cast_for_inference(getattr(torch, cfg["dtype"]))
     try:
         enc = get_tokenizer(tokenizer_name)
     except (ValueError, DownloadError) as e:
@@ -117,11 +140,13 @@ def main(argv=None):
         ids = enc.encode_ordinary(alpaca_prompt(cfg["instruction"], cfg["input"]))
     else:
         ids = encode_prompt(enc, read_prompt(cfg["start"]), model.config.block_size)
-    for i in range(cfg["num_samples"]):
-        if i:
-            print("---------------")
-        sys.stdout.write(enc.decode(ids) if cfg["start"] else "")
+    prompt = enc.decode(ids) if cfg["start"] else ""
+    if cfg["num_samples"] == 1:
+        sys.stdout.write(prompt)
         stream(model, enc, ids, cfg, cfg["device"])
+        return
+    texts = several(model, enc, ids, cfg, cfg["device"])
+    print("\n---------------\n".join(prompt + text for text in texts))
 
 
 if __name__ == "__main__":

@@ -292,3 +292,29 @@ def test_a_checkpoint_and_an_adapter_are_scored_as_loaded(models, mirror, tmp_pa
         expected = benchmarks.run_task(model.eval(), task)
         assert saved["ppl"] == pytest.approx(expected["ppl"], rel=1e-9) and saved["acc"] == expected["acc"]
         assert saved["ppl"] != pytest.approx(benchmarks.run_task(ours, task)["ppl"], rel=1e-3)
+
+
+def test_bfloat16_scores_with_bfloat16_weights(models, mirror, tmp_path, monkeypatch):
+    import copy
+    import importlib
+    eval_script = importlib.import_module("eval")
+    path, _, ours = models
+    hub, urls, cache = mirror
+    monkeypatch.setenv("HF_ENDPOINT", hub.url)
+    monkeypatch.setenv("GPT2REF_CACHE", str(cache))
+    seen, run_task = [], benchmarks.run_task
+
+    def spy(model, task, *args, **kwargs):
+        seen.append({p.dtype for name, p in model.named_parameters() if "ln_" not in name})
+        return run_task(model, task, *args, **kwargs)
+    monkeypatch.setattr(benchmarks, "run_task", spy)
+    eval_script.main([f"--init_from={path}", f"--out_dir={tmp_path}", "--tasks=hellaswag", "--dtype=bfloat16",
+                      "--device=cpu", *urls])
+    assert seen == [{torch.bfloat16}]  # the weights themselves, not autocast over float32 ones
+    saved = json.loads((tmp_path / "eval.json").read_text())
+    assert saved["settings"]["dtype"] == "bfloat16"
+    task = benchmarks.load_task("hellaswag", tiktoken.get_encoding("gpt2"), ours.config,
+                                urls={"hellaswag": urls[1].split("=", 1)[1]})
+    cast = copy.deepcopy(ours).cast_for_inference(torch.bfloat16)
+    expected = run_task(cast, task, dtype="bfloat16")
+    assert saved["results"]["hellaswag"]["acc_norm"] == pytest.approx(expected["acc_norm"], rel=1e-9)

@@ -516,3 +516,44 @@ def test_gpt_py_reads_in_order():
              for use in ast.walk(node) if isinstance(use, ast.Name) and use.id in defined
              and order.index(defined[use.id]) > order.index(section(node.lineno))]
     assert set(later) == calls_down
+
+
+@pytest.mark.parametrize("variant", VARIANTS, ids=lambda v: f"{v['pos_emb']}-{v['mlp']}")
+def test_cast_for_inference_keeps_norms_and_buffers_and_matches_float32(variant):
+    model = tiny_gpt(seed=23, **variant)
+    cast = tiny_gpt(seed=23, **variant).cast_for_inference(torch.bfloat16)
+    for name, p in cast.named_parameters():
+        assert p.dtype == (torch.float32 if ".ln_" in name or name.startswith("transformer.ln_f") else torch.bfloat16), name
+    assert cast.lm_head.weight is cast.transformer.wte.weight  # still one matrix
+    assert all(b.dtype == torch.float32 for b in cast.buffers())  # rope tables
+    x = batch()
+    with torch.no_grad():
+        exact = model(x)[0]
+        with torch.autocast("cpu", torch.bfloat16):
+            autocast_only = model(x)[0].float()
+            ours = cast(x)[0].float()
+    # bfloat16 keeps 8 bits of mantissa: both ways are as far from float32 as bfloat16 rounding puts them
+    scale = exact.abs().max()
+    assert (ours - exact).abs().max() < 0.05 * scale
+    assert (ours - exact).abs().max() < 2 * (autocast_only - exact).abs().max() + 1e-3 * scale
+    assert (ours.argmax(-1) == exact.argmax(-1)).float().mean() > 0.9
+
+
+def test_cast_for_inference_on_qlora_keeps_the_nf4_codes():
+    model = tiny_gpt(seed=29, n_embd=64)
+    gpt.quantize_model(model)
+    gpt.apply_lora(model, rank=4, alpha=8)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("lora_B"):
+                p.normal_(0, 0.1)  # an adapter that changes something
+    x = batch()
+    with torch.no_grad():
+        exact = model(x)[0]
+        buffers = {name: b.clone() for name, b in model.named_buffers()}
+        model.cast_for_inference(torch.bfloat16)
+        assert all(torch.equal(b, buffers[name]) and b.dtype == buffers[name].dtype for name, b in model.named_buffers())
+        assert all(p.dtype == torch.bfloat16 for name, p in model.named_parameters() if "lora_" in name)
+        with torch.autocast("cpu", torch.bfloat16):
+            ours = model(x)[0].float()
+    assert (ours - exact).abs().max() < 0.05 * exact.abs().max()

@@ -57,6 +57,48 @@ def test_prompt_from_file_and_several_samples(hf_dir, tmp_path):
     assert r.stdout == one + "---------------\n" + one
 
 
+def library_samples(path, prompt, n, max_new_tokens, seed, dtype=torch.float32, **sampling):
+    """What sample.py should print, computed with the library: n rows of one batch after the prompt."""
+    from gpt import GPT
+    enc = tiktoken.get_encoding("gpt2")
+    torch.manual_seed(seed)  # as sample.py: before the model is built
+    model = GPT.from_pretrained(str(path)).eval()
+    if dtype != torch.float32:
+        model.cast_for_inference(dtype)
+    idx = torch.tensor([enc.encode(prompt)] * n)
+    with torch.autocast("cpu", dtype, enabled=dtype != torch.float32):
+        rows = model.generate(idx, max_new_tokens, eos_id=enc.eot_token, **sampling)[:, idx.size(1):].tolist()
+    return [prompt + enc.decode(row[:row.index(enc.eot_token)] if enc.eot_token in row else row) for row in rows]
+
+
+def test_several_samples_are_decoded_as_one_batch(hf_dir):
+    path, _ = hf_dir
+    r = run(f"--init_from={path}", "--start=The cat", "--num_samples=3", "--max_new_tokens=12", "--seed=7",
+            "--dtype=float32")
+    assert r.returncode == 0, r.stderr
+    expected = library_samples(path, "The cat", 3, 12, seed=7, temperature=0.8, top_k=200, top_p=1.0)
+    assert len(set(expected)) == 3  # sampled: the rows differ
+    assert r.stdout == "\n---------------\n".join(expected) + "\n"
+
+
+def test_bfloat16_samples_with_bfloat16_weights(hf_dir, monkeypatch, capsys):
+    import sample
+    from gpt import GPT
+    path, _ = hf_dir
+    seen, generate_stream = [], GPT.generate_stream
+
+    def spy(self, *args, **kwargs):
+        seen.append({p.dtype for name, p in self.named_parameters() if ".ln_" not in name and "ln_f" not in name})
+        return generate_stream(self, *args, **kwargs)
+    monkeypatch.setattr(GPT, "generate_stream", spy)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    sample.main([f"--init_from={path}", "--start=Once upon a time", "--temperature=0", "--max_new_tokens=16",
+                 "--dtype=bfloat16", "--device=cpu"])
+    assert seen == [{torch.bfloat16}]  # the weights themselves, not autocast over float32 ones
+    (expected,) = library_samples(path, "Once upon a time", 1, 16, seed=1337, dtype=torch.bfloat16, temperature=0)
+    assert capsys.readouterr().out == expected + "\n"
+
+
 def test_interactive_answers_each_line(hf_dir):
     path, model = hf_dir
     r = run(f"--init_from={path}", "--interactive", "--temperature=0", "--max_new_tokens=5", "--dtype=float32",
