@@ -73,15 +73,16 @@ def apply_rope(x, cos, sin):
 
 
 class KVCache:
-    """Keys and values one attention layer has seen, in buffers allocated once per generation."""
+    """Keys and values one attention layer has seen, in buffers allocated once per generation and
+    written in place. dtype: the buffers' (None: the keys' own)."""
 
-    def __init__(self, capacity):
-        self.capacity, self.k, self.v = capacity, None, None
+    def __init__(self, capacity, dtype=None):
+        self.capacity, self.dtype, self.k, self.v = capacity, dtype, None, None
 
     def update(self, k, v, pos):
         if self.k is None:
             shape = (k.size(0), k.size(1), self.capacity, k.size(3))
-            self.k, self.v = k.new_empty(shape), v.new_empty(shape)
+            self.k, self.v = (t.new_empty(shape, dtype=self.dtype or t.dtype) for t in (k, v))
         end = pos + k.size(2)
         self.k[:, :, pos:end], self.v[:, :, pos:end] = k, v
         return self.k[:, :, :end], self.v[:, :, :end]
@@ -101,18 +102,21 @@ class CausalSelfAttention(nn.Module):
         q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v))
         if rope is not None:
             q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+        dtype = q.dtype
         if cache is not None:
             k, v = cache.update(k, v, pos)
+            q = q.to(k.dtype)  # attention in the cache's dtype
         dropout = self.dropout if self.training else 0.0
         S = k.size(2)
-        if S == T:    # the whole sequence at once: the usual causal mask
-            y = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout, is_causal=True)
-        elif T == 1:  # one new token may look at everything cached before it
-            y = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout)
-        else:         # several new tokens after a cached prefix: causal, shifted by the prefix
-            mask = torch.ones(T, S, dtype=torch.bool, device=x.device).tril(diagonal=S - T)
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout)
-        y = y.transpose(1, 2).contiguous().view(B, T, C)
+        with torch.autocast(x.device.type, enabled=False):  # in q, k and v's dtype, not autocast's
+            if S == T:    # the whole sequence at once: the usual causal mask
+                y = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout, is_causal=True)
+            elif T == 1:  # one new token may look at everything cached before it
+                y = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout)
+            else:         # several new tokens after a cached prefix: causal, shifted by the prefix
+                mask = torch.ones(T, S, dtype=torch.bool, device=x.device).tril(diagonal=S - T)
+                y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout)
+        y = y.to(dtype).transpose(1, 2).contiguous().view(B, T, C)
         return self.resid_dropout(self.c_proj(y))
 
 
@@ -291,7 +295,10 @@ class GPT(nn.Module):
             elif new_start != start:  # first step, or the block is full: (re)fill the cache
                 start = new_start
                 capacity = min(self.config.block_size, seq.size(1) - start + max_new_tokens)
-                caches = [KVCache(capacity) for _ in self.transformer.h]
+                # on a CPU the cache keeps float32: its attention kernels for one new token run
+                # several times faster in float32 than in bfloat16, and the cache is small
+                cache_dtype = torch.float32 if idx.device.type == "cpu" else None
+                caches = [KVCache(capacity, cache_dtype) for _ in self.transformer.h]
                 h = self.hidden_states(seq[:, start:], caches)
             else:
                 h = self.hidden_states(seq[:, -1:], caches, pos=seq.size(1) - 1 - start)
