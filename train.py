@@ -84,7 +84,7 @@ compile = False           # torch.compile the model
 fsdp = False              # under torchrun, shard weights, gradients and AdamW's state over the processes (else DDP)
 activation_checkpointing = False  # recompute each block's activations in the backward pass instead of keeping them
 seed = 1337               # [0, 2**63)
-peak_flops = 0.0          # >= 0; FLOP/s that MFU is against; 0: A100 bf16 (312e12) on CUDA, a measured matmul elsewhere
+peak_flops = 0.0          # >= 0; FLOP/s that MFU is against; 0: a matmul in the training dtype, measured at start-up
 # -----------------------------------------------------------------------------
 DEFAULTS = {k: v for k, v in globals().items() if not k.startswith("_") and isinstance(v, (int, float, str))}
 MODEL_KEYS = ("n_layer", "n_head", "n_embd", "block_size", "bias", "pos_emb", "mlp",  # fixed once a run starts
@@ -150,7 +150,7 @@ def main(argv=None):
 
     tokens_per_iter = world_size * c.gradient_accumulation_steps * c.batch_size * c.block_size
     flops_per_iter = flops_per_token(model.config, model.num_params(), c.block_size) * tokens_per_iter
-    peak = c.peak_flops or (312e12 if device.startswith("cuda") else matmul_flops(device, dtype))
+    peak = c.peak_flops or matmul_flops(device, dtype)
     decay_iters = c.lr_decay_iters or c.max_iters
     if master:
         print(f"{model.num_params() / 1e6:.2f}M parameters, {tokens_per_iter:,} tokens per iteration, "

@@ -484,10 +484,13 @@ def flops_per_token(config, n_params, seq_len):
     return 6 * n_params + 12 * config.n_layer * config.n_head * head_size * seq_len
 
 
-def matmul_flops(device, dtype, n=512, seconds=0.2):
+def matmul_flops(device, dtype, n=None, seconds=0.2):
     """FLOP/s of the fastest n x n matmul in dtype seen in `seconds`: the peak that MFU is judged
-    against where there is no data-sheet figure (CPU, MPS). The fastest, not the mean, so that a
-    busy machine does not lower the bar. bench.py calls it with a larger n."""
+    against, measured on the device itself, since no one data-sheet figure fits every GPU (an
+    A100's 312e12 puts an H100 above 100%). The fastest, not the mean, so that a busy machine does
+    not lower the bar. n: 8192 on a GPU, large enough to keep its tensor cores busy, else 512;
+    bench.py calls it with a larger n."""
+    n = n or (8192 if device.startswith("cuda") else 512)
     def sync():
         if device.startswith("cuda"):
             torch.cuda.synchronize()
