@@ -97,20 +97,29 @@ def valid_range(note):
     return _number(m.group(4)), m.group(3) == "(", _number(m.group(5)), m.group(6) == ")", m.group(0)
 
 
+def range_error(key, value, note):
+    """What is wrong with the number value of setting key, if anything: not finite, or outside the
+    range its note states (sample.py --serve checks a request's settings with it too)."""
+    if not math.isfinite(value):
+        return f"{key}={value} is not a finite number"
+    bounds = valid_range(note)
+    if bounds is None:
+        return None
+    low, low_open, high, high_open, text = bounds
+    if value < low or (low_open and value == low) or value > high or (high_open and value == high):
+        rest = note[len(text):].lstrip(";: ")
+        return f"{key}={value} is out of range: it must be {text}" + (f" ({rest})" if rest else "")
+    return None
+
+
 def check_ranges(config, notes):
     """Every number finite, and inside the range its note states."""
     for key, value in config.items():
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             continue
-        if not math.isfinite(value):
-            fail(f"--{key}={value} is not a finite number")
-        bounds = valid_range(notes.get(key, ("", ""))[1])
-        if bounds is None:
-            continue
-        low, low_open, high, high_open, text = bounds
-        if value < low or (low_open and value == low) or value > high or (high_open and value == high):
-            rest = notes[key][1][len(text):].lstrip(";: ")
-            fail(f"--{key}={value} is out of range: it must be {text}" + (f" ({rest})" if rest else ""))
+        error = range_error(key, value, notes.get(key, ("", ""))[1])
+        if error:
+            fail(f"--{error}")
 
 
 def print_help(defaults, notes, doc):
