@@ -50,8 +50,17 @@ def read_prompt(text):
         fail(f"cannot read the prompt file {text[5:]}: {e}")
 
 
+def prompt_tokens(enc, text, instruction="", input=""):
+    """The tokens to generate after: an instruction (and its input) in the Alpaca prompt, encoded as in
+    training (the prompt's text is ordinary text), else the text, in which <|endoftext|> may stand;
+    empty text starts from <|endoftext|>."""
+    if instruction:
+        return enc.encode_ordinary(alpaca_prompt(instruction, input))
+    return enc.encode(text, allowed_special={"<|endoftext|>"}) if text else [enc.eot_token]
+
+
 def encode_prompt(enc, text, block_size):
-    ids = enc.encode(text, allowed_special={"<|endoftext|>"}) if text else [enc.eot_token]
+    ids = prompt_tokens(enc, text)
     if len(ids) > block_size:
         print(f"note: the prompt has {len(ids)} tokens; the model sees at most block_size={block_size}, "
               f"so only the last {block_size} are used", file=sys.stderr)
@@ -64,19 +73,28 @@ def end_of_text(model, enc):
     return enc.eot_token if enc.eot_token < model.config.vocab_size else None
 
 
-def stream(model, enc, ids, cfg, device):
-    """Generate after ids, writing each piece of text as soon as its bytes decode."""
+def generate_text(model, enc, ids, cfg, device):
+    """Generate after ids: yield the text of each new token as soon as its bytes decode (a token can
+    end mid-character, whose text then comes with the next token's), then what is left of a character
+    cut off at the end, usually nothing."""
     eos = end_of_text(model, enc)
-    decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")  # a token can end mid-character
+    decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
     idx = torch.tensor([ids], dtype=torch.long, device=device)
     with autocast(device, cfg["dtype"]):
         for token in model.generate_stream(idx, cfg["max_new_tokens"], cfg["temperature"],
                                            cfg["top_k"] or None, cfg["top_p"], eos_id=eos):
             if token.item() == eos:
                 break
-            sys.stdout.write(decoder.decode(enc.decode_single_token_bytes(token.item())))
-            sys.stdout.flush()
-    sys.stdout.write(decoder.decode(b"", final=True) + "\n")
+            yield decoder.decode(enc.decode_single_token_bytes(token.item()))
+    yield decoder.decode(b"", final=True)
+
+
+def stream(model, enc, ids, cfg, device):
+    """Generate after ids, writing each piece of text as soon as its bytes decode."""
+    for piece in generate_text(model, enc, ids, cfg, device):
+        sys.stdout.write(piece)
+        sys.stdout.flush()
+    sys.stdout.write("\n")
     sys.stdout.flush()
 
 
@@ -136,8 +154,8 @@ def main(argv=None):
     if cfg["interactive"]:
         interact(model, enc, cfg)
         return
-    if cfg["instruction"]:  # encoded as in training: the prompt's text is ordinary text
-        ids = enc.encode_ordinary(alpaca_prompt(cfg["instruction"], cfg["input"]))
+    if cfg["instruction"]:
+        ids = prompt_tokens(enc, "", cfg["instruction"], cfg["input"])
     else:
         ids = encode_prompt(enc, read_prompt(cfg["start"]), model.config.block_size)
     prompt = enc.decode(ids) if cfg["start"] else ""
