@@ -1,6 +1,6 @@
 """GPT-2 in one file, to be read top to bottom.
 
-    config -> layers -> model -> downloads -> tokenizer -> safetensors -> GPT-2 weights
+    config -> layers -> loss -> model -> downloads -> tokenizer -> safetensors -> GPT-2 weights
            -> nf4 (4-bit weights) -> lora (low-rank adapters; on nf4 weights, QLoRA)
 
 class GPT holds the forward pass, generation, and from_pretrained / save_pretrained, which hand
@@ -160,6 +160,53 @@ class Block(nn.Module):
         return x + self.mlp(self.ln_2(x))
 
 
+# ----------------------------------------------------------------------------- loss
+
+class LinearCrossEntropy(torch.autograd.Function):
+    """The mean cross-entropy of the logits h @ weight.T against targets (-100: not scored), a chunk
+    of rows at a time, so the (rows, vocab_size) logits never exist whole: for 8 x 256 tokens and
+    GPT-2's vocabulary they are 412 MB in float32, and a log-softmax, its backward pass and a
+    zero-filled gradient would each sweep them. While a chunk's logits are at hand, the forward
+    pass also computes the gradients of h and weight; the backward pass only scales them."""
+
+    @staticmethod
+    def forward(ctx, h, weight, targets):
+        # h (N, C), weight (V, C), targets (N,); the matmuls in autocast's dtype, the softmax in float32
+        device = h.device.type
+        dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else h.dtype
+        hc, wc = h.to(dtype), weight.to(dtype)
+        scored = targets != -100
+        classes = targets.clamp(min=0)[:, None]  # any class for the rows not scored: they weigh 0
+        weights = scored / scored.sum()  # each scored row's share of the mean, (N,)
+        need_h, need_w = ctx.needs_input_grad[:2]
+        grad_h = torch.empty_like(h) if need_h else None
+        grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=h.device) if need_w else None
+        loss = torch.zeros((), dtype=torch.float32, device=h.device)
+        rows_per_chunk = max(1, 2 ** 24 // weight.size(0))  # 16M logits, 64 MB in float32
+        for start in range(0, h.size(0), rows_per_chunk):
+            rows = slice(start, start + rows_per_chunk)
+            logits = (hc[rows] @ wc.t()).float()  # (n, V)
+            lse = logits.logsumexp(dim=-1)  # (n,)
+            loss += ((lse - logits.gather(1, classes[rows]).squeeze(1)) * weights[rows]).sum()
+            if need_h or need_w:  # d loss / d logits = (softmax - one_hot) * the row's weight
+                grad = logits.sub_(lse[:, None]).exp_()
+                grad.scatter_add_(1, classes[rows], torch.full_like(lse[:, None], -1.0))
+                grad = grad.mul_(weights[rows, None]).to(dtype)
+                if need_h:
+                    grad_h[rows] = grad @ wc
+                if need_w:
+                    grad_w += grad.t() @ hc[rows]
+        ctx.weight_dtype = weight.dtype
+        ctx.save_for_backward(grad_h, grad_w)
+        return loss
+
+    @staticmethod
+    def backward(ctx, grad_loss):
+        grad_h, grad_w = ctx.saved_tensors
+        return (None if grad_h is None else grad_h * grad_loss,
+                None if grad_w is None else (grad_w * grad_loss).to(ctx.weight_dtype), None)
+
+
 # ----------------------------------------------------------------------------- model
 
 class GPT(nn.Module):
@@ -226,12 +273,12 @@ class GPT(nn.Module):
         return self.transformer.ln_f(x)
 
     def forward(self, idx, targets=None):
-        """Logits for every position; with targets, also the mean cross-entropy over those != -100."""
-        logits = self.lm_head(self.hidden_states(idx))
-        loss = None
-        if targets is not None:
-            loss = F.cross_entropy(logits.view(-1, logits.size(-1)).float(), targets.reshape(-1), ignore_index=-100)
-        return logits, loss
+        """(logits for every position, None); with targets, (None, the mean cross-entropy over the
+        targets != -100), computed without holding every position's logits at once."""
+        h = self.hidden_states(idx)
+        if targets is None:
+            return self.lm_head(h), None
+        return None, LinearCrossEntropy.apply(h.view(-1, h.size(-1)), self.lm_head.weight, targets.reshape(-1))
 
     # ------------------------------------------------------------------------- Hugging Face files
 

@@ -97,7 +97,7 @@ def test_loss_counts_the_response_only():
     record = {"instruction": "Name a fruit.", "input": "", "output": "A pear."}
     ids, n_prompt = fa.encode_example(ENC, record)
     x, y = fa.collate([(ids, n_prompt)], True, ENC.eot_token)
-    logits, loss = model(x, y)
+    logits, loss = model(x)[0], model(x, y)[1]
     logprobs = logits[0].log_softmax(-1)
     manual = -sum(logprobs[t, ids[t + 1]] for t in range(n_prompt - 1, len(ids) - 1)) / (len(ids) - n_prompt)
     torch.testing.assert_close(loss, manual)

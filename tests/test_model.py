@@ -136,7 +136,7 @@ def test_loss_with_ignore_index_matches_transformers(tmp_path):
     x_hf = torch.cat([x, torch.zeros(3, 1, dtype=torch.long)], dim=1)
     labels = torch.cat([torch.full((3, 1), -100), y], dim=1)
     with torch.no_grad():
-        logits, loss = model(x, targets=y)
+        logits, loss = model(x)[0], model(x, targets=y)[1]
         theirs = hf(x_hf, labels=labels).loss
         unmasked = model(x, targets=y.clamp(min=0))[1]
     assert abs(loss.item() - theirs.item()) <= 1e-5
@@ -144,6 +144,61 @@ def test_loss_with_ignore_index_matches_transformers(tmp_path):
     keep = y != -100
     manual = -logits.log_softmax(-1)[keep].gather(1, y[keep][:, None]).mean()
     assert abs(loss.item() - manual.item()) <= 1e-5
+
+
+def cross_entropy_and_grads(model, x, y, chunked, dtype=None):
+    """The loss and every parameter's gradient, from model(x, y) (chunked) or from the logits and
+    F.cross_entropy (the plain way, every logit at once)."""
+    model.zero_grad(set_to_none=True)
+    with torch.autocast("cpu", dtype=dtype or torch.float32, enabled=dtype is not None):
+        if chunked:
+            loss = model(x, y)[1]
+        else:
+            logits = model(x)[0]
+            loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1).float(), y.flatten(), ignore_index=-100)
+    loss.backward()
+    return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+def test_chunked_loss_and_gradients_equal_the_plain_cross_entropy(monkeypatch):
+    """GPT-2's vocabulary and 2 x 200 rows: three chunks of 2**24 // 50257 = 333 rows at most;
+    masked targets included. float32: equal within rounding; bfloat16 autocast: as close as two
+    bfloat16 computations of the same thing."""
+    model = GPT(GPTConfig(block_size=200, vocab_size=50257, n_layer=1, n_head=2, n_embd=16))
+    chunks = []
+    matmul = torch.Tensor.__matmul__
+    x, y = batch(50257, B=2, T=200, seed=3), batch(50257, B=2, T=200, seed=4)
+    y[0, :30] = -100
+    loss, grads = cross_entropy_and_grads(model, x, y, chunked=False)
+    monkeypatch.setattr(torch.Tensor, "__matmul__", lambda a, b: chunks.append(a.shape) or matmul(a, b))
+    ours, our_grads = cross_entropy_and_grads(model, x, y, chunked=True)
+    assert [shape[0] for shape in chunks if shape[-1] == 16] == [333, 67]  # the logits, a chunk at a time
+    assert grads.keys() == our_grads.keys() and "transformer.wte.weight" in grads
+    assert abs(ours - loss) <= 1e-5
+    for name, g in grads.items():
+        torch.testing.assert_close(our_grads[name], g, rtol=1e-4, atol=1e-7, msg=name)
+    monkeypatch.setattr(torch.Tensor, "__matmul__", matmul)
+    loss, grads = cross_entropy_and_grads(model, x, y, chunked=False, dtype=torch.bfloat16)
+    ours, our_grads = cross_entropy_and_grads(model, x, y, chunked=True, dtype=torch.bfloat16)
+    assert abs(ours - loss) <= 1e-3
+    for name, g in grads.items():
+        assert (our_grads[name] - g).norm() <= 0.02 * g.norm(), name
+
+
+def test_chunked_loss_skips_the_gradients_nobody_needs():
+    """No gradients under no_grad, and none for a frozen tied matrix (LoRA trains with it frozen):
+    the loss is the same, and h's gradient is still right."""
+    model = tiny_gpt(seed=5)
+    x, y = batch(B=2, T=16, seed=6), batch(B=2, T=16, seed=7)
+    with torch.no_grad():
+        quiet = model(x, y)[1]
+    assert not quiet.requires_grad and torch.equal(quiet, cross_entropy_and_grads(model, x, y, chunked=True)[0])
+    model.transformer.wte.weight.requires_grad_(False)
+    loss, grads = cross_entropy_and_grads(model, x, y, chunked=False)
+    ours, our_grads = cross_entropy_and_grads(model, x, y, chunked=True)
+    assert "transformer.wte.weight" not in our_grads and grads.keys() == our_grads.keys()
+    for name, g in grads.items():
+        torch.testing.assert_close(our_grads[name], g, rtol=1e-4, atol=1e-7, msg=name)
 
 
 def test_targets_may_be_a_slice_of_the_input():

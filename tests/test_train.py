@@ -151,7 +151,7 @@ def test_bfloat16_autocast_runs_on_cpu(data_dir, tmp_path, capsys):
     assert all(math.isfinite(r["loss"]) for r in steps) and math.isfinite(evals[-1]["val_loss"])
     model = GPT(GPTConfig(block_size=32, vocab_size=VOCAB, n_layer=2, n_head=2, n_embd=32))
     seen = []
-    model.lm_head.register_forward_hook(lambda module, inputs, output: seen.append(output.dtype))
+    model.transformer.h[0].mlp.c_fc.register_forward_hook(lambda module, inputs, output: seen.append(output.dtype))
     optimizer = training.make_optimizer(model, 1e-3, 0.1, (0.9, 0.95), "cpu")
     get_batch = data.batch_loader(str(data_dir / "toy"), 4, 32, "cpu", seed=0)
     training.train_step(model, optimizer, training.make_scaler("cpu", "bfloat16"), get_batch, 0, 1e-3, dtype="bfloat16")
