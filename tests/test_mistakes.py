@@ -176,6 +176,11 @@ SAMPLE = [
     (["--input=x"], "--input goes with an --instruction"),
     (["--adapter={root}/hf"], "cannot load the adapter in {root}/hf"),
     (["--init_from=resume", "--out_dir={root}/garbage"], "is damaged or not a checkpoint"),
+    (["--port=0"], "--port=0 is out of range: it must be [1, 65535]"),
+    (["--port=8080"], "--host and --port go with --serve"),
+    (["--serve", "--interactive"], "--serve takes its prompts from the page, one sample each"),
+    (["--serve", "--num_samples=3"], "leave out --interactive and --num_samples"),
+    (["--serve", "--max_new_tokens=5000"], "--max_new_tokens=5000 is more than --serve generates at a time: at most 1024"),
 ]
 
 PREPARE = [
