@@ -14,7 +14,6 @@ an instruction and its input with --adapter or --instruction, and the sampling s
 """
 import codecs
 import contextlib
-import io
 import json
 import sys
 import threading
@@ -203,22 +202,7 @@ def read_request(body, enc, cfg, notes, block_size):
     return ids, settings
 
 
-def seed_as_the_command_line(seed, cfg, states):
-    """Put the random generators where `sample.py --seed=seed` has them when it starts generating. It
-    seeds before loading the model, and building the model draws its random initial weights (which the
-    loaded ones replace) from the CPU's generator; on the CPU sampling draws from it too, so there a
-    seed not seen yet costs one more build of the model. states: {seed: the CPU generator's state}."""
-    torch.manual_seed(seed)
-    if cfg["device"] != "cpu":
-        return
-    if seed not in states:
-        with contextlib.redirect_stderr(io.StringIO()):  # its notes were shown at start-up
-            load_model(cfg)
-        states[seed] = torch.get_rng_state()
-    torch.set_rng_state(states[seed])
-
-
-def serve_page(server, model, enc, cfg, states):
+def serve_page(server, model, enc, cfg):
     """Serve sample.html at GET / and one generation at a time at POST /generate, streamed as
     server-sent events, each a JSON object: {"text": ...} for the pieces as they are generated, then
     {"tokens": n, "seconds": s}. A bad request is a 4xx with {"error": ...}; one that comes while a
@@ -289,7 +273,7 @@ def serve_page(server, model, enc, cfg, states):
                 self.send_header("Content-Type", "text/event-stream; charset=utf-8")
                 self.send_header("Cache-Control", "no-store")
                 self.end_headers()
-                seed_as_the_command_line(settings["seed"], cfg, states)
+                torch.manual_seed(settings["seed"])
                 started = time.perf_counter()
                 with contextlib.closing(generate_text(model, enc, ids, settings, cfg["device"])) as pieces:
                     for tokens, piece in enumerate(pieces):  # the last piece is not a token's
@@ -330,9 +314,7 @@ def main(argv=None):
     server = listen(cfg) if cfg["serve"] else None
     cfg["device"] = pick_device(cfg["device"])
     cfg["dtype"] = pick_dtype(cfg["dtype"], cfg["device"])
-    torch.manual_seed(cfg["seed"])
     model, tokenizer_name = load_model(cfg)
-    states = {cfg["seed"]: torch.get_rng_state()}  # the CPU's random state that sampling starts from
     model.eval().to(cfg["device"])
     if cfg["dtype"] != "float32":
         model.cast_for_inference(getattr(torch, cfg["dtype"]))
@@ -341,8 +323,9 @@ def main(argv=None):
     except (ValueError, DownloadError) as e:
         fail(str(e))
     if cfg["serve"]:
-        serve_page(server, model, enc, cfg, states)
+        serve_page(server, model, enc, cfg)
         return
+    torch.manual_seed(cfg["seed"])  # after the model is built, whose initial weights draw random numbers too
     if cfg["interactive"]:
         interact(model, enc, cfg)
         return

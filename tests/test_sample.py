@@ -61,10 +61,10 @@ def library_samples(path, prompt, n, max_new_tokens, seed, dtype=torch.float32, 
     """What sample.py should print, computed with the library: n rows of one batch after the prompt."""
     from gpt import GPT
     enc = tiktoken.get_encoding("gpt2")
-    torch.manual_seed(seed)  # as sample.py: before the model is built
     model = GPT.from_pretrained(str(path)).eval()
     if dtype != torch.float32:
         model.cast_for_inference(dtype)
+    torch.manual_seed(seed)  # as sample.py: once the model is built, just before generating
     idx = torch.tensor([enc.encode(prompt)] * n)
     with torch.autocast("cpu", dtype, enabled=dtype != torch.float32):
         rows = model.generate(idx, max_new_tokens, eos_id=enc.eot_token, **sampling)[:, idx.size(1):].tolist()
