@@ -194,8 +194,11 @@ class LinearCrossEntropy(torch.autograd.Function):
                 grad = grad.mul_(weights[rows, None]).to(dtype)
                 if need_h:
                     grad_h[rows] = grad @ wc
-                if need_w:
-                    grad_w += grad.t() @ hc[rows]
+                if need_w:  # summed in float32, in place where the product is float32 too
+                    if dtype == torch.float32:
+                        grad_w.addmm_(grad.t(), hc[rows])
+                    else:
+                        grad_w += grad.t() @ hc[rows]
         ctx.weight_dtype = weight.dtype
         ctx.save_for_backward(grad_h, grad_w)
         return loss
