@@ -259,7 +259,8 @@ def bench_train(steps=5, n_layer=6, n_head=6, n_embd=384, block_size=256, batch_
     """Training throughput at a fixed shape (GPT-2 vocabulary, random tokens, AdamW, clipping) in
     float32 and, where cli.pick_dtype picks it on this CPU, bfloat16 autocast (elsewhere bfloat16
     is emulated, many times slower than float32), through training.train_step as train.py runs it;
-    MFU against the matmul peak of the same dtype measured just before; transformers'
+    MFU against the matmul peak of the same dtype measured just before; the model's chunked loss
+    against F.cross_entropy over every logit (a forward and backward pass each); transformers'
     GPT2LMHeadModel at the same shape, dtype, optimizer and clipping is the bar to meet."""
     torch.manual_seed(0)
     config = GPTConfig(block_size=block_size, n_layer=n_layer, n_head=n_head, n_embd=n_embd)
@@ -280,6 +281,18 @@ def bench_train(steps=5, n_layer=6, n_head=6, n_embd=384, block_size=256, batch_
         rows.append((f"{dtype} train step, ours", tokens / ours, "tokens/s"))
         rows.append((f"{dtype} MFU, ours", 100 * flops_per_token(config, model.num_params(), block_size) * tokens
                      / ours / peak, "%"))
+
+        def backward(plain):  # the loss of model(x, y), chunked, or F.cross_entropy over all the logits
+            with autocast("cpu", dtype):
+                loss = (torch.nn.functional.cross_entropy(model(x)[0].flatten(0, 1).float(), y.flatten()) if plain
+                        else model(x, y)[1])
+            loss.backward()
+            model.zero_grad(set_to_none=True)
+        best = {False: float("inf"), True: float("inf")}
+        for _ in range(2):  # alternating: a busy machine slows both alike
+            for plain in best:
+                best[plain] = min(best[plain], timed(lambda: backward(plain)))
+        rows.append((f"{dtype} forward+backward, chunked loss vs all logits", best[True] / best[False], "x"))
         if GPT2LMHeadModel is None:
             continue
         hf = GPT2LMHeadModel(GPT2Config(n_layer=n_layer, n_head=n_head, n_embd=n_embd, n_positions=block_size,
