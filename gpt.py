@@ -177,37 +177,50 @@ class LinearCrossEntropy(torch.autograd.Function):
         hc, wc = h.to(dtype), weight.to(dtype)
         scored = targets != -100
         classes = targets.clamp(min=0)[:, None]  # any class for the rows not scored: they weigh 0
-        weights = scored / scored.sum()  # each scored row's share of the mean, (N,)
+        weights = (scored / scored.sum())[:, None]  # each scored row's share of the mean, (N, 1)
         need_h, need_w = ctx.needs_input_grad[:2]
-        grad_h = torch.empty_like(h) if need_h else None
+        # 16M logits a chunk (64 MB in float32), in rows of a multiple of 64, which BLAS tiles evenly;
+        # every chunk reuses the same buffers: fresh ones would cost more in page faults than the softmax
+        n = min(h.size(0), max(64, 2 ** 24 // weight.size(0) // 64 * 64))
+        buffer = torch.empty(n, weight.size(0), dtype=torch.float32, device=h.device)
+        buffer_low = buffer if dtype == torch.float32 else torch.empty_like(buffer, dtype=dtype)  # matmuls' dtype
+        grad_h = torch.empty_like(hc) if need_h else None
         grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=h.device) if need_w else None
+        if need_w and dtype != torch.float32:  # each chunk's product, and a float32 copy: adding a bfloat16
+            product, product32 = torch.empty_like(wc), torch.empty_like(grad_w)  # tensor to a float32 one is slower
+        else:
+            product = None
         loss = torch.zeros((), dtype=torch.float32, device=h.device)
-        rows_per_chunk = max(1, 2 ** 24 // weight.size(0))  # 16M logits, 64 MB in float32
-        for start in range(0, h.size(0), rows_per_chunk):
-            rows = slice(start, start + rows_per_chunk)
-            logits = (hc[rows] @ wc.t()).float()  # (n, V)
-            lse = logits.logsumexp(dim=-1)  # (n,)
-            loss += ((lse - logits.gather(1, classes[rows]).squeeze(1)) * weights[rows]).sum()
+        for start in range(0, h.size(0), n):
+            rows = slice(start, min(start + n, h.size(0)))
+            logits, logits_low = buffer[:rows.stop - start], buffer_low[:rows.stop - start]  # (n, V)
+            torch.mm(hc[rows], wc.t(), out=logits_low)
+            if logits_low is not logits:
+                logits.copy_(logits_low)
+            target = logits.gather(1, classes[rows])  # (n, 1)
+            top = logits.amax(dim=-1, keepdim=True)
+            total = logits.sub_(top).exp_().sum(dim=-1, keepdim=True)  # logits now hold exp(logit - top)
+            loss += ((total.log() + top - target) * weights[rows]).sum()  # log-sum-exp minus the target's logit
             if need_h or need_w:  # d loss / d logits = (softmax - one_hot) * the row's weight
-                grad = logits.sub_(lse[:, None]).exp_()
-                grad.scatter_add_(1, classes[rows], torch.full_like(lse[:, None], -1.0))
-                grad = grad.mul_(weights[rows, None]).to(dtype)
+                grad = logits.scatter_add_(1, classes[rows], -total).mul_(weights[rows] / total)
+                if logits_low is not logits:
+                    grad = logits_low.copy_(grad)
                 if need_h:
-                    grad_h[rows] = grad @ wc
+                    torch.mm(grad, wc, out=grad_h[rows])
                 if need_w:  # summed in float32, in place where the product is float32 too
-                    if dtype == torch.float32:
+                    if product is None:
                         grad_w.addmm_(grad.t(), hc[rows])
                     else:
-                        grad_w += grad.t() @ hc[rows]
-        ctx.weight_dtype = weight.dtype
+                        grad_w += product32.copy_(torch.mm(grad.t(), hc[rows], out=product))
+        ctx.dtypes = h.dtype, weight.dtype
         ctx.save_for_backward(grad_h, grad_w)
         return loss
 
     @staticmethod
     def backward(ctx, grad_loss):
         grad_h, grad_w = ctx.saved_tensors
-        return (None if grad_h is None else grad_h * grad_loss,
-                None if grad_w is None else (grad_w * grad_loss).to(ctx.weight_dtype), None)
+        return (None if grad_h is None else (grad_h * grad_loss).to(ctx.dtypes[0]),
+                None if grad_w is None else (grad_w * grad_loss).to(ctx.dtypes[1]), None)
 
 
 # ----------------------------------------------------------------------------- model
