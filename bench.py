@@ -56,13 +56,24 @@ def weight_pass(model, dtype, repeat=5):
     return matvec, read, sum(w.nbytes for w in weights)
 
 
+def matmul_seconds(fn):
+    """Seconds fn() spends in matrix products: the self time torch.profiler gives aten's matmul ops.
+    Everything else (attention, the softmax, casts, norms, the optimizer, Python between the ops) is
+    what keeps fn from the speed its matmuls alone would allow."""
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        fn()
+    return sum(e.self_cpu_time_total for e in prof.key_averages() if e.key in ("aten::mm", "aten::addmm",
+                                                                                  "aten::bmm", "aten::baddbmm")) / 1e6
+
+
 def bench_generate(new_tokens=256, prompt_len=16, batch_size=8, rounds=2):
     """Generation at GPT-2 124M shape (random weights), greedy, KV cache, against the limit measured
     in the same run: batch-1 decoding reads every weight once per token, so tokens/s can be at most
-    1 / weight_pass(). rounds alternate the limit and the runs. In float32 and in sample.py's default dtype (weights stored in it, under
-    autocast), batch 1 and batch_size rows; transformers' float32 generate is the bar. Goals (issue
-    14): each dtype at batch 1 at least 85% of its limit; the default at least 1.4x transformers;
-    batch_size rows at least 5x the tokens/s of one."""
+    1 / weight_pass(). rounds alternate the limit and the runs. In float32 and in sample.py's
+    default dtype (weights stored in it, under autocast), batch 1 and batch_size rows, and batch 1
+    as it would be if only its matmuls took time (profiled); transformers' float32 generate is the
+    bar. Goals (issue 14): each dtype at batch 1 at least 85% of its limit; the default at least
+    1.4x transformers; batch_size rows at least 5x the tokens/s of one."""
     torch.manual_seed(0)
     model = GPT(GPTConfig()).eval()
     prompt = torch.randint(0, 50257, (1, prompt_len))
@@ -86,7 +97,11 @@ def bench_generate(new_tokens=256, prompt_len=16, batch_size=8, rounds=2):
         for batch in seconds:
             speed[dtype, batch] = batch * new_tokens / seconds[batch]
             rows.append((f"{dtype} generate, batch {batch}, KV cache", speed[dtype, batch], "tokens/s"))
+        with autocast("cpu", dtype):  # where batch 1's time goes: the weights' matmuls, or the rest
+            in_matmuls = matmul_seconds(lambda: ours.generate(prompt, new_tokens, temperature=0)) / new_tokens
         rows += [(f"{dtype} batch 1: of the limit (goal >= 85)", 100 * speed[dtype, 1] / limit[dtype], "%"),
+                 (f"{dtype} batch 1: share of a token's time in matmuls", 100 * in_matmuls * speed[dtype, 1], "%"),
+                 (f"{dtype} batch 1: of the limit, the matmuls alone", 100 * matvec / in_matmuls, "%"),
                  (f"{dtype} batch {batch_size} vs batch 1 (goal >= 5)", speed[dtype, batch_size] / speed[dtype, 1],
                   "x")]
     t_nocache = timed(lambda: model.generate(prompt, new_tokens, temperature=0, use_cache=False))
@@ -259,7 +274,9 @@ def bench_train(steps=5, n_layer=6, n_head=6, n_embd=384, block_size=256, batch_
     """Training throughput at a fixed shape (GPT-2 vocabulary, random tokens, AdamW, clipping) in
     float32 and, where cli.pick_dtype picks it on this CPU, bfloat16 autocast (elsewhere bfloat16
     is emulated, many times slower than float32), through training.train_step as train.py runs it;
-    MFU against the matmul peak of the same dtype measured just before; the model's chunked loss
+    MFU against the matmul peak of the same dtype measured just before, and the MFU a step would
+    reach if it spent time in its matmuls alone (profiled), which no other change can pass without
+    faster matmuls (goal, issue 14: bfloat16 at least 75%); the model's chunked loss
     against F.cross_entropy over every logit (a forward and backward pass each); transformers'
     GPT2LMHeadModel at the same shape, dtype, optimizer and clipping is the bar to meet."""
     torch.manual_seed(0)
@@ -279,8 +296,12 @@ def bench_train(steps=5, n_layer=6, n_head=6, n_embd=384, block_size=256, batch_
         ours = timed(lambda: train_step(model, optimizer, scaler, lambda *key: (x, y), 0, 1e-4, dtype=dtype),
                      repeat=steps)
         rows.append((f"{dtype} train step, ours", tokens / ours, "tokens/s"))
-        rows.append((f"{dtype} MFU, ours", 100 * flops_per_token(config, model.num_params(), block_size) * tokens
-                     / ours / peak, "%"))
+        flops = flops_per_token(config, model.num_params(), block_size) * tokens
+        in_matmuls = matmul_seconds(lambda: train_step(model, optimizer, scaler, lambda *key: (x, y), 0, 1e-4,
+                                                       dtype=dtype))
+        rows += [(f"{dtype} MFU, ours", 100 * flops / ours / peak, "%"),
+                 (f"{dtype} share of the step in matmuls", 100 * in_matmuls / ours, "%"),
+                 (f"{dtype} MFU bound: the matmuls alone, at their speed", 100 * flops / in_matmuls / peak, "%")]
 
         def backward(plain):  # the loss of model(x, y), chunked, or F.cross_entropy over all the logits
             with autocast("cpu", dtype):

@@ -23,7 +23,7 @@ from tqdm import tqdm
 
 from cli import autocast, fail
 from data import wikitext_rows
-from gpt import DownloadError, hub_file, web_file, web_path
+from gpt import DownloadError, exp_shifted_, hub_file, logit_chunks, web_file, web_path
 
 # ----------------------------------------------------------------------------- the tasks' files
 
@@ -76,7 +76,7 @@ def read_jsonl(path, check, what):
 # ----------------------------------------------------------------------------- scoring
 
 @torch.no_grad()
-def score(model, requests, device="cpu", dtype="float32", chunk=1024):
+def score(model, requests, device="cpu", dtype="float32"):
     """For each request (tokens, n), (the sum of the log-probabilities of its last n tokens, each
     given the tokens before it; whether every one of them was the model's most likely next token).
     A request longer than the model's context loses its oldest tokens."""
@@ -96,11 +96,12 @@ def score(model, requests, device="cpu", dtype="float32", chunk=1024):
     h, targets = h[scored], y[scored]                # (M, n_embd), (M,): only these need logits
     logprob = torch.empty(len(targets), device=device)
     top = torch.empty(len(targets), dtype=torch.bool, device=device)
-    for s in range(0, len(targets), chunk):          # (chunk, vocab) logits at a time: bounded memory
-        with autocast(device, dtype):
-            logits = model.lm_head(h[s:s + chunk]).float()
-        logprob[s:s + chunk] = logits.log_softmax(-1).gather(1, targets[s:s + chunk, None])[:, 0]
-        top[s:s + chunk] = logits.argmax(-1) == targets[s:s + chunk]
+    low = getattr(torch, dtype)                      # the matmul's dtype, as autocast's; the softmax in float32
+    for chunk, logits, _ in logit_chunks(h.to(low), model.lm_head.weight.to(low)):
+        top[chunk] = logits.argmax(-1) == targets[chunk]
+        target = logits.gather(1, targets[chunk, None])
+        largest, total = exp_shifted_(logits)
+        logprob[chunk] = (target - largest - total.log())[:, 0]
     sums = torch.zeros(len(rows), dtype=torch.float64, device=device).index_add_(0, owner, logprob.double())
     misses = torch.zeros(len(rows), dtype=torch.long, device=device).index_add_(0, owner, (~top).long())
     return list(zip(sums.tolist(), (misses == 0).tolist()))

@@ -162,12 +162,38 @@ class Block(nn.Module):
 
 # ----------------------------------------------------------------------------- loss
 
+def logit_chunks(h, weight):
+    """The logits h @ weight.T (h (N, C) and weight (V, C) in the matmuls' dtype) a chunk of rows at
+    a time, so that the (N, V) logits never exist whole: for 8 x 256 tokens and GPT-2's vocabulary
+    they are 412 MB in float32. Yields (rows, the chunk's logits in float32 (n, V), the same in the
+    matmul's dtype): one tensor in float32. 16M logits a chunk (64 MB in float32), in a multiple of
+    64 rows, which BLAS tiles evenly. Every chunk reuses the same buffers, which the caller may
+    overwrite: fresh ones each chunk would cost more in page faults than the softmax."""
+    n = min(h.size(0), max(64, 2 ** 24 // weight.size(0) // 64 * 64))
+    buffer = torch.empty(n, weight.size(0), dtype=torch.float32, device=h.device)
+    buffer_low = buffer if h.dtype == torch.float32 else torch.empty_like(buffer, dtype=h.dtype)
+    for start in range(0, h.size(0), n):
+        rows = slice(start, min(start + n, h.size(0)))
+        logits, logits_low = buffer[:rows.stop - start], buffer_low[:rows.stop - start]
+        torch.mm(h[rows], weight.t(), out=logits_low)
+        if logits_low is not logits:
+            logits.copy_(logits_low)
+        yield rows, logits, logits_low
+
+
+def exp_shifted_(logits):
+    """Each row of float32 logits (n, V) becomes exp(logit - the row's largest), in place; returns
+    (the largest, the sum of the exps), (n, 1) each: the row's log-sum-exp is largest + log(sum)
+    and its softmax exp / sum, with no overflow."""
+    largest = logits.amax(dim=-1, keepdim=True)
+    return largest, logits.sub_(largest).exp_().sum(dim=-1, keepdim=True)
+
+
 class LinearCrossEntropy(torch.autograd.Function):
-    """The mean cross-entropy of the logits h @ weight.T against targets (-100: not scored), a chunk
-    of rows at a time, so the (rows, vocab_size) logits never exist whole: for 8 x 256 tokens and
-    GPT-2's vocabulary they are 412 MB in float32, and a log-softmax, its backward pass and a
-    zero-filled gradient would each sweep them. While a chunk's logits are at hand, the forward
-    pass also computes the gradients of h and weight; the backward pass only scales them."""
+    """The mean cross-entropy of the logits h @ weight.T against targets (-100: not scored), from
+    logit_chunks: a log-softmax over all the logits, its backward pass and a zero-filled gradient
+    would each sweep 412 MB at 8 x 256 tokens. While a chunk's logits are at hand, the forward pass
+    also computes the gradients of h and weight; the backward pass only scales them."""
 
     @staticmethod
     def forward(ctx, h, weight, targets):
@@ -179,11 +205,6 @@ class LinearCrossEntropy(torch.autograd.Function):
         classes = targets.clamp(min=0)[:, None]  # any class for the rows not scored: they weigh 0
         weights = (scored / scored.sum())[:, None]  # each scored row's share of the mean, (N, 1)
         need_h, need_w = ctx.needs_input_grad[:2]
-        # 16M logits a chunk (64 MB in float32), in rows of a multiple of 64, which BLAS tiles evenly;
-        # every chunk reuses the same buffers: fresh ones would cost more in page faults than the softmax
-        n = min(h.size(0), max(64, 2 ** 24 // weight.size(0) // 64 * 64))
-        buffer = torch.empty(n, weight.size(0), dtype=torch.float32, device=h.device)
-        buffer_low = buffer if dtype == torch.float32 else torch.empty_like(buffer, dtype=dtype)  # matmuls' dtype
         grad_h = torch.empty_like(hc) if need_h else None
         grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=h.device) if need_w else None
         if need_w and dtype != torch.float32:  # each chunk's product, and a float32 copy: adding a bfloat16
@@ -191,16 +212,10 @@ class LinearCrossEntropy(torch.autograd.Function):
         else:
             product = None
         loss = torch.zeros((), dtype=torch.float32, device=h.device)
-        for start in range(0, h.size(0), n):
-            rows = slice(start, min(start + n, h.size(0)))
-            logits, logits_low = buffer[:rows.stop - start], buffer_low[:rows.stop - start]  # (n, V)
-            torch.mm(hc[rows], wc.t(), out=logits_low)
-            if logits_low is not logits:
-                logits.copy_(logits_low)
+        for rows, logits, logits_low in logit_chunks(hc, wc):
             target = logits.gather(1, classes[rows])  # (n, 1)
-            top = logits.amax(dim=-1, keepdim=True)
-            total = logits.sub_(top).exp_().sum(dim=-1, keepdim=True)  # logits now hold exp(logit - top)
-            loss += ((total.log() + top - target) * weights[rows]).sum()  # log-sum-exp minus the target's logit
+            largest, total = exp_shifted_(logits)
+            loss += ((largest + total.log() - target) * weights[rows]).sum()  # log-sum-exp minus the target's logit
             if need_h or need_w:  # d loss / d logits = (softmax - one_hot) * the row's weight
                 grad = logits.scatter_add_(1, classes[rows], -total).mul_(weights[rows] / total)
                 if logits_low is not logits:
