@@ -161,6 +161,21 @@ def test_hellaswag_and_lambada_equal_one_example_at_a_time_and_batching_changes_
         assert la["ppl"] == pytest.approx(math.exp(nll / len(lambada)), rel=1e-5)
 
 
+def test_score_over_several_logit_chunks_equals_transformers(models):
+    """12 requests of 64 scored tokens: 768 rows of logits in chunks of 320, 320 and 128, each
+    chunk's buffers reused by the next; every sum and every greedy flag as transformers gives it."""
+    _, theirs, ours = models
+    rng = np.random.default_rng(5)
+    requests = [(rng.integers(0, 50257, BLOCK + 1).tolist(), BLOCK) for _ in range(12)]
+    requests[0] = (ours.generate(torch.tensor([[11]]), BLOCK, temperature=0)[0].tolist(), BLOCK)  # all greedy
+    for (got, greedy), (row, n) in zip(benchmarks.score(ours, requests), requests):
+        nll, all_greedy = nll_of(theirs, row, n)
+        assert got == pytest.approx(-nll, rel=1e-5) and greedy == all_greedy
+    assert benchmarks.score(ours, requests)[0][1]
+    chunks = [rows for rows, _, _ in gpt.logit_chunks(torch.zeros(768, 32), torch.zeros(50257, 32))]
+    assert [c.stop - c.start for c in chunks] == [320, 320, 128]
+
+
 # ----------------------------------------------------------------------------- eval.py
 
 def eval_py(*args, env=None, nproc=1):
