@@ -59,7 +59,7 @@ def run(args, data_dir, out_dir, **kw):
         for p in [*psutil.Process(proc.pid).children(recursive=True), psutil.Process(proc.pid)]:
             p.kill()
         raise
-    assert proc.returncode == 0, stderr[-3000:]
+    assert proc.returncode == 0, stdout[-3000:] + stderr[-12000:]
     return subprocess.CompletedProcess(proc.args, proc.returncode, stdout, stderr)
 
 
