@@ -166,7 +166,7 @@ def logit_chunks(h, weight):
     """The logits h @ weight.T (h (N, C) and weight (V, C) in the matmuls' dtype) a chunk of rows at
     a time, so that the (N, V) logits never exist whole: for 8 x 256 tokens and GPT-2's vocabulary
     they are 412 MB in float32. Yields (rows, the chunk's logits in float32 (n, V), the same in the
-    matmul's dtype): one tensor in float32. 16M logits a chunk (64 MB in float32), in a multiple of
+    matmul's dtype), one tensor twice when that is float32. 16M logits a chunk (64 MB in float32), in a multiple of
     64 rows, which BLAS tiles evenly. Every chunk reuses the same buffers, which the caller may
     overwrite: fresh ones each chunk would cost more in page faults than the softmax."""
     n = min(h.size(0), max(64, 2 ** 24 // weight.size(0) // 64 * 64))
@@ -207,10 +207,9 @@ class LinearCrossEntropy(torch.autograd.Function):
         need_h, need_w = ctx.needs_input_grad[:2]
         grad_h = torch.empty_like(hc) if need_h else None
         grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=h.device) if need_w else None
-        if need_w and dtype != torch.float32:  # each chunk's product, and a float32 copy: adding a bfloat16
-            product, product32 = torch.empty_like(wc), torch.empty_like(grad_w)  # tensor to a float32 one is slower
-        else:
-            product = None
+        product = product32 = None  # each chunk's bfloat16 product and a float32 copy of it, which adds
+        if need_w and dtype != torch.float32:  # to a float32 tensor faster than the bfloat16 one does
+            product, product32 = torch.empty_like(wc), torch.empty_like(grad_w)
         loss = torch.zeros((), dtype=torch.float32, device=h.device)
         for rows, logits, logits_low in logit_chunks(hc, wc):
             target = logits.gather(1, classes[rows])  # (n, 1)
