@@ -207,8 +207,8 @@ class LinearCrossEntropy(torch.autograd.Function):
         need_h, need_w = ctx.needs_input_grad[:2]
         grad_h = torch.empty_like(hc) if need_h else None
         grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=h.device) if need_w else None
-        product = product32 = None  # each chunk's bfloat16 product and a float32 copy of it, which adds
-        if need_w and dtype != torch.float32:  # to a float32 tensor faster than the bfloat16 one does
+        product = product32 = None  # a chunk's product in the matmuls' dtype, and a float32 copy of it:
+        if need_w and dtype != torch.float32:  # adding the copy to grad_w is faster than adding the product
             product, product32 = torch.empty_like(wc), torch.empty_like(grad_w)
         loss = torch.zeros((), dtype=torch.float32, device=h.device)
         for rows, logits, logits_low in logit_chunks(hc, wc):
