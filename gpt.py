@@ -165,11 +165,12 @@ class Block(nn.Module):
 def logit_chunks(h, weight):
     """The logits h @ weight.T (h (N, C) and weight (V, C) in the matmuls' dtype) a chunk of rows at
     a time, so that the (N, V) logits never exist whole: for 8 x 256 tokens and GPT-2's vocabulary
-    they are 412 MB in float32. Yields (rows, the chunk's logits in float32 (n, V), the same in the
-    matmul's dtype), one tensor twice when that is float32. 16M logits a chunk (64 MB in float32), in a multiple of
-    64 rows, which BLAS tiles evenly. Every chunk reuses the same buffers, which the caller may
-    overwrite: fresh ones each chunk would cost more in page faults than the softmax."""
-    n = min(h.size(0), max(64, 2 ** 24 // weight.size(0) // 64 * 64))
+    they are 412 MB in float32. Yields (the rows, a slice; their logits in float32 (n, V); the same
+    logits in the matmuls' dtype, the same tensor when that is float32). Some 16M logits a chunk
+    (64 MB in float32), the rows a multiple of 64, which BLAS tiles evenly. The logits are views of
+    buffers that the next chunk overwrites (fresh tensors each chunk would cost more in page faults
+    than the softmax): use them, or overwrite them, before the next one."""
+    n = max(1, min(h.size(0), max(64, 2 ** 24 // weight.size(0) // 64 * 64)))
     buffer = torch.empty(n, weight.size(0), dtype=torch.float32, device=h.device)
     buffer_low = buffer if h.dtype == torch.float32 else torch.empty_like(buffer, dtype=h.dtype)
     for start in range(0, h.size(0), n):
@@ -190,10 +191,12 @@ def exp_shifted_(logits):
 
 
 class LinearCrossEntropy(torch.autograd.Function):
-    """The mean cross-entropy of the logits h @ weight.T against targets (-100: not scored), from
-    logit_chunks: a log-softmax over all the logits, its backward pass and a zero-filled gradient
-    would each sweep 412 MB at 8 x 256 tokens. While a chunk's logits are at hand, the forward pass
-    also computes the gradients of h and weight; the backward pass only scales them."""
+    """The mean cross-entropy of the logits h @ weight.T against targets (-100: not scored), a chunk
+    at a time from logit_chunks, because a log-softmax over all the logits, its backward pass and a
+    zero-filled gradient would each sweep 412 MB at 8 x 256 tokens. While a chunk's logits are at
+    hand, the forward pass also computes the gradients of h and weight; the backward pass only
+    scales them. In bfloat16 that takes two more buffers of the weight's shape (bfloat16 and
+    float32: 231 MB for GPT-2) beside its float32 gradient."""
 
     @staticmethod
     def forward(ctx, h, weight, targets):
@@ -215,14 +218,15 @@ class LinearCrossEntropy(torch.autograd.Function):
             target = logits.gather(1, classes[rows])  # (n, 1)
             largest, total = exp_shifted_(logits)
             loss += ((largest + total.log() - target) * weights[rows]).sum()  # log-sum-exp minus the target's logit
-            if need_h or need_w:  # d loss / d logits = (softmax - one_hot) * the row's weight
+            if need_h or need_w:  # d loss / d logits = (softmax - one_hot) * the row's weight:
+                # (exp - total at the target) / total, the exps being those exp_shifted_ left
                 grad = logits.scatter_add_(1, classes[rows], -total).mul_(weights[rows] / total)
                 if logits_low is not logits:
                     grad = logits_low.copy_(grad)
                 if need_h:
                     torch.mm(grad, wc, out=grad_h[rows])
                 if need_w:  # summed in float32, in place where the product is float32 too
-                    if product is None:
+                    if dtype == torch.float32:
                         grad_w.addmm_(grad.t(), hc[rows])
                     else:
                         grad_w += product32.copy_(torch.mm(grad.t(), hc[rows], out=product))
