@@ -170,8 +170,8 @@ def logit_chunks(h, weight):
     (64 MB in float32), the rows a multiple of 64, which BLAS tiles evenly. The logits are views of
     buffers that the next chunk overwrites (fresh tensors each chunk would cost more in page faults
     than the softmax): use them, or overwrite them, before the next one."""
-    n = max(1, min(h.size(0), max(64, 2 ** 24 // weight.size(0) // 64 * 64)))
-    buffer = torch.empty(n, weight.size(0), dtype=torch.float32, device=h.device)
+    n = max(64, 2 ** 24 // weight.size(0) // 64 * 64)  # rows a chunk
+    buffer = torch.empty(min(n, h.size(0)), weight.size(0), dtype=torch.float32, device=h.device)
     buffer_low = buffer if h.dtype == torch.float32 else torch.empty_like(buffer, dtype=h.dtype)
     for start in range(0, h.size(0), n):
         rows = slice(start, min(start + n, h.size(0)))
