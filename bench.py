@@ -29,8 +29,8 @@ import benchmarks
 import gpt
 from cli import autocast, configure, fail, pick_dtype, run
 from gpt import GPT, GPTConfig
-from training import (flops_per_token, held_per_process, make_optimizer, make_scaler, matmul_flops, setup_ddp,
-                      shard_model, teardown_ddp, train_step)
+from training import (exit_ddp, flops_per_token, held_per_process, make_optimizer, make_scaler, matmul_flops, setup_ddp,
+                      shard_model, train_step)
 
 
 def timed(fn, repeat=1):
@@ -375,7 +375,7 @@ def parallel_worker(mode, n_layer, n_head, n_embd, batch_size, block_size, steps
         model(x, y)[1].backward()
         figures["activations"] = status_bytes("VmHWM") - figures["resident"]
     print(json.dumps(figures), flush=True)
-    teardown_ddp()
+    exit_ddp()
 
 
 def run_workers(nproc, **args):

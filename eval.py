@@ -28,7 +28,7 @@ import benchmarks
 from cli import configure, fail, pick_device, pick_dtype, run, writable_dir
 from data import require_pyarrow
 from gpt import DownloadError, atomic_write, get_tokenizer
-from training import load_model, rank_zero_first, setup_ddp, teardown_ddp
+from training import exit_ddp, load_model, rank_zero_first, setup_ddp
 
 # ----------------------------------------------------------------------------- defaults
 # the model
@@ -130,7 +130,7 @@ def main(argv=None):
         with atomic_write(path) as f:
             f.write((json.dumps(record, indent=2) + "\n").encode())
         print(f"results in {path}")
-    teardown_ddp()
+    exit_ddp()
 
 
 if __name__ == "__main__":

@@ -365,15 +365,12 @@ def main(argv=None):
                           flush=True)
                 if world_size > 1:
                     dist.barrier()  # no process may exit while the checkpoint is being written
-                trained = None  # before the process group: see teardown_ddp
-                training.teardown_ddp()
-                raise SystemExit(128 + stop)
+                training.exit_ddp(128 + stop)
     if master:
         print(f"done: {c.max_iters} iterations; checkpoint in {ckpt_path}, log in {log_path}")
     if c.merge:
         write_merged(c, model, enc.n_vocab, master)
-    trained = None  # before the process group: see teardown_ddp
-    training.teardown_ddp()
+    training.exit_ddp()
 
 
 def write_merged(c, model, vocab_size, master):

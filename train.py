@@ -29,10 +29,10 @@ from cli import autocast, fail, pick_device, pick_dtype, run, writable_dir
 from data import batch_loader, read_meta, require_pyarrow
 from gpt import DownloadError, get_tokenizer
 from training import (agreed_stop, build_model, check_adapters, check_fsdp, data_parallel, due_for_eval, eval_line,
-                      evaluate, flops_per_token, full_state, gathered, held_per_process, log_record, log_step, lr_at,
-                      make_optimizer, make_scaler, matmul_flops, mean_over_ranks, memory_mb, plot_log,
+                      evaluate, exit_ddp, flops_per_token, full_state, gathered, held_per_process, log_record, log_step,
+                      lr_at, make_optimizer, make_scaler, matmul_flops, mean_over_ranks, memory_mb, plot_log,
                       rank_zero_first, restore_run, resumed_accumulation, run_config, run_state, save_checkpoint,
-                      setup_ddp, shard_model, split_name, stop_message, stop_signals, teardown_ddp, train_step)
+                      setup_ddp, shard_model, split_name, stop_message, stop_signals, train_step)
 
 # ----------------------------------------------------------------------------- defaults
 # I/O
@@ -221,15 +221,12 @@ def main(argv=None):
                     print(stop_message(it, ckpt_path, "train.py", c.out_dir, world_size), flush=True)
                 if world_size > 1:
                     dist.barrier()  # no process may exit while the checkpoint is being written
-                trained = None  # before the process group: see teardown_ddp
-                teardown_ddp()
-                raise SystemExit(128 + stop)
+                exit_ddp(128 + stop)
     if master:
         print(f"done: {c.max_iters} iterations; checkpoint in {ckpt_path}, log in {log_path}")
     if wandb_run is not None:
         wandb_run.finish()
-    trained = None  # before the process group: see teardown_ddp
-    teardown_ddp()
+    exit_ddp()
 
 
 if __name__ == "__main__":

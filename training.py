@@ -167,11 +167,20 @@ def setup_ddp(device):
     return dist.get_rank(), dist.get_world_size(), device
 
 
-def teardown_ddp():
-    """Leave the process group. Callers drop their DDP wrapper first: freed after its process group,
-    DDP's reducer destroys the group while holding the GIL, which gloo's threads may be waiting for."""
+def exit_ddp(status=0):
+    """The end of a script: leave the process group and, under torchrun, end the process at once
+    with this exit status. Its files are written and closed by then; the interpreter's shutdown is
+    skipped because FSDP's DTensor caches keep the group and gloo's worker threads alive to the
+    end, and a worker still freeing a finished collective's tensors as the interpreter shuts down
+    waits for a GIL it can no longer have and aborts the process (SIGABRT, a run in a few dozen
+    under load). One process returns as usual (raising SystemExit for a non-zero status)."""
     if dist.is_initialized():
         dist.destroy_process_group()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(status)
+    if status:
+        raise SystemExit(status)
 
 
 def check_fsdp(fsdp, quantize, dtype):
