@@ -56,14 +56,21 @@ def weight_pass(model, dtype, repeat=5):
     return matvec, read, sum(w.nbytes for w in weights)
 
 
-def matmul_seconds(fn):
-    """Seconds fn() spends in matrix products: the self time torch.profiler gives aten's matmul ops.
-    Everything else (attention, the softmax, casts, norms, the optimizer, Python between the ops) is
-    what keeps fn from the speed its matmuls alone would allow."""
+MATMULS = ("aten::mm", "aten::addmm", "aten::addmm_", "aten::bmm", "aten::baddbmm")
+
+
+def op_seconds(fn):
+    """Seconds fn() spends in each aten operation, by name: the self time torch.profiler gives it.
+    What is not in the matrix products (attention, the softmax, casts, norms, the optimizer, Python
+    between the operations) is what keeps fn from the speed its matmuls alone would allow."""
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
         fn()
-    return sum(e.self_cpu_time_total for e in prof.key_averages() if e.key in ("aten::mm", "aten::addmm",
-                                                                                  "aten::bmm", "aten::baddbmm")) / 1e6
+    return {e.key: e.self_cpu_time_total / 1e6 for e in prof.key_averages()}
+
+
+def seconds_in(times, ops, prefix=None):
+    """The seconds of op_seconds' times in the operations named ops, or whose name starts with prefix."""
+    return sum(t for key, t in times.items() if key in ops or prefix and key.startswith(prefix))
 
 
 def bench_generate(new_tokens=256, prompt_len=16, batch_size=8, rounds=2):
@@ -108,7 +115,8 @@ def bench_generate(new_tokens=256, prompt_len=16, batch_size=8, rounds=2):
             speed[dtype, batch] = batch * new_tokens / seconds[batch]
             rows.append((f"{dtype} generate, batch {batch}, KV cache", speed[dtype, batch], "tokens/s"))
         with autocast("cpu", dtype):  # where batch 1's time goes: the weights' matmuls, or the rest
-            in_matmuls = matmul_seconds(lambda: ours.generate(prompt, new_tokens, temperature=0)) / new_tokens
+            in_matmuls = seconds_in(op_seconds(lambda: ours.generate(prompt, new_tokens, temperature=0)),
+                                    MATMULS) / new_tokens
         rows += [(f"{dtype} batch 1: of the limit (goal >= 85)", 100 * speed[dtype, 1] / limit[dtype], "%"),
                  (f"{dtype} batch 1: share of a token's time in matmuls", 100 * in_matmuls * speed[dtype, 1], "%"),
                  (f"{dtype} batch 1: of the limit, the matmuls alone", 100 * matvec / in_matmuls, "%"),
@@ -289,7 +297,8 @@ def bench_train(steps=5, n_layer=6, n_head=6, n_embd=384, block_size=256, batch_
     is emulated, many times slower than float32), through training.train_step as train.py runs it;
     MFU against the matmul peak of the same dtype measured just before, and the MFU a step would
     reach if it spent time in its matmuls alone (profiled), which no other change can pass without
-    faster matmuls (goal, issue 14: bfloat16 at least 75%); the model's chunked loss
+    faster matmuls (goal, issue 14: bfloat16 at least 75%), or in its matmuls, attention, GELU and
+    the softmax's exp alone, at the speed of PyTorch's kernels for them; the model's chunked loss
     against F.cross_entropy over every logit (a forward and backward pass each); transformers'
     GPT2LMHeadModel at the same shape, dtype, optimizer and clipping is the bar to meet."""
     torch.manual_seed(0)
@@ -310,11 +319,16 @@ def bench_train(steps=5, n_layer=6, n_head=6, n_embd=384, block_size=256, batch_
                      repeat=steps)
         rows.append((f"{dtype} train step, ours", tokens / ours, "tokens/s"))
         flops = flops_per_token(config, model.num_params(), block_size) * tokens
-        in_matmuls = matmul_seconds(lambda: train_step(model, optimizer, scaler, lambda *key: (x, y), 0, 1e-4,
-                                                       dtype=dtype))
+        times = op_seconds(lambda: train_step(model, optimizer, scaler, lambda *key: (x, y), 0, 1e-4, dtype=dtype))
+        in_matmuls = seconds_in(times, MATMULS)
+        # and the operations any implementation of the step runs in some form: attention, GELU, the softmax's exp
+        in_needed = in_matmuls + seconds_in(times, ("aten::gelu", "aten::gelu_backward", "aten::exp_"),
+                                            prefix="aten::_scaled_dot_product")
         rows += [(f"{dtype} MFU, ours", 100 * flops / ours / peak, "%"),
                  (f"{dtype} share of the step in matmuls", 100 * in_matmuls / ours, "%"),
-                 (f"{dtype} MFU bound: the matmuls alone, at their speed", 100 * flops / in_matmuls / peak, "%")]
+                 (f"{dtype} MFU bound: the matmuls alone, at their speed", 100 * flops / in_matmuls / peak, "%"),
+                 (f"{dtype} MFU bound: the matmuls, attention, GELU and exp alone", 100 * flops / in_needed / peak,
+                  "%")]
 
         def backward(plain):  # the loss of model(x, y), chunked, or F.cross_entropy over all the logits
             with autocast("cpu", dtype):
