@@ -221,6 +221,8 @@ def main(argv=None):
                     print(stop_message(it, ckpt_path, "train.py", c.out_dir, world_size), flush=True)
                 if world_size > 1:
                     dist.barrier()  # no process may exit while the checkpoint is being written
+                if wandb_run is not None:  # exit_ddp may end the process before wandb's own exit hook
+                    wandb_run.finish(exit_code=128 + stop)
                 exit_ddp(128 + stop)
     if master:
         print(f"done: {c.max_iters} iterations; checkpoint in {ckpt_path}, log in {log_path}")
