@@ -241,6 +241,15 @@ class LinearCrossEntropy(torch.autograd.Function):
                 None if grad_w is None else (grad_w * grad_loss).to(ctx.dtypes[1]), None)
 
 
+def linear_cross_entropy(h, weight, targets):
+    """LinearCrossEntropy of h (N, C), weight (V, C) and targets (N,), with no gradient computed
+    under torch.no_grad: inside a Function only requires_grad says which gradients are wanted, and
+    a parameter requires grad in evaluation too, where its gradient would cost a third more work."""
+    if not torch.is_grad_enabled():
+        h, weight = h.detach(), weight.detach()
+    return LinearCrossEntropy.apply(h, weight, targets)
+
+
 # ----------------------------------------------------------------------------- model
 
 class GPT(nn.Module):
@@ -312,7 +321,7 @@ class GPT(nn.Module):
         h = self.hidden_states(idx)
         if targets is None:
             return self.lm_head(h), None
-        return None, LinearCrossEntropy.apply(h.view(-1, h.size(-1)), self.lm_head.weight, targets.reshape(-1))
+        return None, linear_cross_entropy(h.view(-1, h.size(-1)), self.lm_head.weight, targets.reshape(-1))
 
     # ------------------------------------------------------------------------- Hugging Face files
 

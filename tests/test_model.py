@@ -185,17 +185,24 @@ def test_chunked_loss_and_gradients_equal_the_plain_cross_entropy(monkeypatch):
         assert (our_grads[name] - g).norm() <= 0.02 * g.norm(), name
 
 
-def test_chunked_loss_skips_the_gradients_nobody_needs():
+def test_chunked_loss_skips_the_gradients_nobody_needs(monkeypatch):
     """No gradients under no_grad, and none for a frozen tied matrix (LoRA trains with it frozen):
-    the loss is the same, and h's gradient is still right."""
+    the loss is the same, and h's gradient is still right. The loss's matrix products are counted:
+    the logits alone under no_grad, the logits and h's gradient with the matrix frozen."""
     model = tiny_gpt(seed=5)
     x, y = batch(B=2, T=16, seed=6), batch(B=2, T=16, seed=7)
+    products, mm, addmm_ = [], torch.mm, torch.Tensor.addmm_
+    monkeypatch.setattr(torch, "mm", lambda a, b, **out: products.append("mm") or mm(a, b, **out))
+    monkeypatch.setattr(torch.Tensor, "addmm_", lambda t, a, b: products.append("addmm_") or addmm_(t, a, b))
     with torch.no_grad():
         quiet = model(x, y)[1]
+    assert products == ["mm"]  # one chunk's logits
     assert not quiet.requires_grad and torch.equal(quiet, cross_entropy_and_grads(model, x, y, chunked=True)[0])
+    products.clear()
     model.transformer.wte.weight.requires_grad_(False)
     loss, grads = cross_entropy_and_grads(model, x, y, chunked=False)
     ours, our_grads = cross_entropy_and_grads(model, x, y, chunked=True)
+    assert products == ["mm", "mm"]  # the logits and h's gradient; the float32 matrix's would be addmm_
     assert "transformer.wte.weight" not in our_grads and grads.keys() == our_grads.keys()
     for name, g in grads.items():
         torch.testing.assert_close(our_grads[name], g, rtol=1e-4, atol=1e-7, msg=name)
