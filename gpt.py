@@ -831,6 +831,11 @@ def write_pretrained(model, directory):
     if c.pos_emb != "learned" or c.mlp != "gelu" or not c.bias:
         raise ValueError("only the GPT-2 variant (pos_emb='learned', mlp='gelu', bias=True) can be "
                          "exported to the Hugging Face GPT-2 format")
+    with torch.device("meta"):  # the tensors a plain GPT of this config has, at no cost
+        plain = type(model)(c).state_dict().keys()
+    if model.state_dict().keys() != plain:
+        raise ValueError("GPT-2's format has no place for LoRA adapters or 4-bit weights: fold them into "
+                         "plain layers first with gpt.merge_and_unload(model)")
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     tensors = {}
@@ -1082,7 +1087,8 @@ def unmerge_lora(model):
 @torch.no_grad()
 def merge_and_unload(model):
     """Fold every adapter into its weight and turn every LoRA and NF4 layer back into a float32
-    nn.Linear, in place: the model is a plain GPT again, which save_pretrained can export."""
+    nn.Linear, in place: the model is a plain GPT again, every parameter trainable (apply_lora
+    froze the rest), which save_pretrained can export."""
     def unload(path, layer):
         if type(layer) is nn.Linear:
             return layer
@@ -1095,7 +1101,7 @@ def merge_and_unload(model):
         if base.bias is not None:
             plain.bias.copy_(base.bias)
         return plain
-    return replace_block_linears(model, BLOCK_LINEARS, unload)
+    return replace_block_linears(model, BLOCK_LINEARS, unload).requires_grad_(True)
 
 
 def adapter_config(model):

@@ -152,8 +152,12 @@ def test_merged_export_matches_transformers(tmp_path):
     randomize_adapters(model)
     idx = tokens()
     adapted = model(idx)[0]
+    with pytest.raises(ValueError, match="merge_and_unload"):  # lora_A has no place in GPT-2's file
+        model.save_pretrained(tmp_path / "unmerged")
+    assert not (tmp_path / "unmerged" / "model.safetensors").exists()
     gpt.merge_and_unload(model)
     assert not gpt.lora_layers(model)
+    assert all(p.requires_grad for p in model.parameters())  # trainable again, embeddings and norms too
     model.save_pretrained(tmp_path)
     hf = transformers.GPT2LMHeadModel.from_pretrained(tmp_path).eval()
     with torch.no_grad():

@@ -194,6 +194,8 @@ def test_qlora_adapter_round_trip(tmp_path):
     assert isinstance(fresh.transformer.h[1].attn.c_proj.base, gpt.NF4Linear)
     idx = torch.randint(0, CONFIG["vocab_size"], (2, 16), generator=torch.Generator().manual_seed(1))
     torch.testing.assert_close(fresh(idx)[0], model(idx)[0], rtol=0, atol=0)
+    with pytest.raises(ValueError, match="4-bit weights"):
+        fresh.save_pretrained(tmp_path / "quantized")
     plain = gpt.merge_and_unload(fresh)  # a QLoRA model exports as a float GPT
     assert all(type(plain.transformer.h[0].get_submodule(p)) is torch.nn.Linear for p in gpt.BLOCK_LINEARS)
     torch.testing.assert_close(plain(idx)[0], model(idx)[0], rtol=0, atol=1e-4)
