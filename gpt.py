@@ -81,7 +81,7 @@ class KVCache:
 
     def update(self, k, v, pos):
         if self.k is None:
-            shape = (k.size(0), k.size(1), self.capacity, k.size(3))
+            shape = (k.size(0), k.size(1), self.capacity, k.size(3))  # (B, nh, capacity, hs)
             self.k, self.v = (t.new_empty(shape, dtype=self.dtype or t.dtype) for t in (k, v))
         end = pos + k.size(2)
         self.k[:, :, pos:end], self.v[:, :, pos:end] = k, v
@@ -99,16 +99,17 @@ class CausalSelfAttention(nn.Module):
     def forward(self, x, rope=None, cache=None, pos=0):
         B, T, C = x.shape
         q, k, v = self.c_attn(x).split(C, dim=2)
-        q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v))
+        q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v))  # (B, nh, T, hs)
         if rope is not None:
             q, k = apply_rope(q, *rope), apply_rope(k, *rope)
         dtype = q.dtype
         if cache is not None:
-            k, v = cache.update(k, v, pos)
+            k, v = cache.update(k, v, pos)  # (B, nh, S, hs): the S = pos + T positions so far
             q = q.to(k.dtype)  # attention in the cache's dtype
         dropout = self.dropout if self.training else 0.0
         S = k.size(2)
-        with torch.autocast(x.device.type, enabled=False):  # in q, k and v's dtype, not autocast's
+        # in q, k and v's dtype: autocast would cast a float32 cache (see generate_stream) back down
+        with torch.autocast(x.device.type, enabled=False):
             if S == T:    # the whole sequence at once: the usual causal mask
                 y = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout, is_causal=True)
             elif T == 1:  # one new token may look at everything cached before it
@@ -116,7 +117,7 @@ class CausalSelfAttention(nn.Module):
             else:         # several new tokens after a cached prefix: causal, shifted by the prefix
                 mask = torch.ones(T, S, dtype=torch.bool, device=x.device).tril(diagonal=S - T)
                 y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout)
-        y = y.to(dtype).transpose(1, 2).contiguous().view(B, T, C)
+        y = y.to(dtype).transpose(1, 2).contiguous().view(B, T, C)  # (B, nh, T, hs) -> (B, T, C)
         return self.resid_dropout(self.c_proj(y))
 
 
@@ -456,7 +457,8 @@ class _RetryableStatus(Exception):
 
 
 def cache_dir():
-    """Where downloads are kept: $GPT2REF_CACHE, else ~/.cache/gpt2ref (read at call time)."""
+    """Where downloads are kept: $GPT2REF_CACHE, else $XDG_CACHE_HOME/gpt2ref, else
+    ~/.cache/gpt2ref (read at call time)."""
     return Path(os.environ.get("GPT2REF_CACHE") or
                 Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "gpt2ref")
 
@@ -855,7 +857,6 @@ def write_pretrained(model, directory):
         f.write((json.dumps(hf, indent=2) + "\n").encode())
 
 
-
 # ----------------------------------------------------------------------------- nf4
 
 # QLoRA's 4-bit NormalFloat (Dettmers et al. 2023). Trained weights are close to normal, so the 16
@@ -864,6 +865,8 @@ def write_pretrained(model, directory):
 # and every weight is rounded to the nearest level: 4 bits, two of them packed into a byte.
 NF4_BLOCK = 64       # weights sharing one absmax scale
 ABSMAX_BLOCK = 256   # absmax scales sharing one scale of their own, with double quantization
+
+
 def nf4_levels():
     """The 16 NF4 values, computed as bitsandbytes' create_normal_map does (the QLoRA paper's table):
     8 positive quantiles and 7 negative ones around an exact zero, so zeros (and padding) survive."""

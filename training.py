@@ -559,7 +559,8 @@ def plot_log(log_path, png_path):
     """Redraw loss, learning rate, throughput and memory from the log into png_path; and, for a run
     with --eval_tasks, the benchmarks' accuracies and perplexities."""
     from matplotlib.figure import Figure  # no pyplot: no GUI backend, no global figure list
-    records = [json.loads(line) for line in open(log_path)]
+    with open(log_path) as f:
+        records = [json.loads(line) for line in f]
     steps = [r for r in records if "loss" in r]
     evals = [r for r in records if "val_loss" in r]
     scores = sorted({k for r in evals for k in r if k.partition("_")[0] in TASKS})
