@@ -349,8 +349,8 @@ def resumed_accumulation(ckpt, accumulation, world_size):
 
 def restore_run(ckpt, model, optimizer, scaler, log_path, write_files=True):
     """(start_iter, best_val_loss). A resumed run gets its optimizer and scaler back and its log cut
-    back to the checkpoint (lines past it came from steps about to be redone); a fresh run in an
-    old out_dir starts a fresh log. model is the one the optimizer steps. Under torchrun rank 0
+    back to the checkpoint (lines past it came from steps about to be redone); a fresh run starts a
+    fresh log (an out_dir left by a run stopped before its first checkpoint may hold one). model is the one the optimizer steps. Under torchrun rank 0
     alone reads the weights and the optimizer's state and broadcasts them, tensor by tensor; each
     process keeps what it holds (under FSDP, its shard)."""
     if ckpt is None:
@@ -377,9 +377,12 @@ def run_config(defaults, fixed_keys, argv=None, doc=None, source=None):
     model's shape, ...). source is the script's file: its defaults block states the ranges, and
     its name must be the one that wrote the checkpoint."""
     cfg = configure(defaults, argv, doc=doc, source=source)
-    if cfg["init_from"] != "resume":
-        return cfg, None
     ckpt_path = os.path.join(cfg["out_dir"], "ckpt.pt")
+    if cfg["init_from"] != "resume":
+        if os.path.exists(ckpt_path):  # a forgotten --init_from=resume would write over a run
+            fail(f"{ckpt_path} holds a run already: go on with --init_from=resume, or start afresh in "
+                 f"another --out_dir (or remove that one)")
+        return cfg, None
     ckpt = load_checkpoint(ckpt_path)
     script = os.path.basename(source)
     if ckpt.get("script", script) != script:

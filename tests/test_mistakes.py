@@ -118,6 +118,7 @@ TRAIN = [
     (["--init_from=gpt3"], "--init_from=gpt3"),
     (["--init_from=resume", "--out_dir={root}/nothing"], "no checkpoint at {root}/nothing/ckpt.pt"),
     (["--init_from=resume", "--out_dir={root}/garbage"], "is damaged or not a checkpoint of train.py or finetune_alpaca.py"),
+    (["--out_dir={root}/by-train.py"], "ckpt.pt holds a run already: go on with --init_from=resume"),
     (["--init_from=resume", "--out_dir={root}/by-finetune_alpaca.py"],
      "was written by finetune_alpaca.py: resume it with `python finetune_alpaca.py --init_from=resume"),
     (["--fsdp=True", "--lora_rank=4", "--quantize=nf4"], "--fsdp=True cannot shard 4-bit NF4 weights"),
@@ -162,6 +163,7 @@ FINETUNE = [
     (["--init_from=resume", "--out_dir={root}/by-train.py"],
      "was written by train.py: resume it with `python train.py --init_from=resume"),
     (["--init_from=resume", "--out_dir={root}/garbage"], "is damaged or not a checkpoint"),
+    (["--out_dir={root}/by-finetune_alpaca.py"], "ckpt.pt holds a run already: go on with --init_from=resume"),
 ]
 
 SAMPLE = [
