@@ -168,6 +168,11 @@ def _parse_literal(text, default):
     try:
         value = ast.literal_eval(text)
     except (ValueError, SyntaxError, MemoryError, RecursionError):
+        if isinstance(default, float):
+            try:
+                return float(text)  # nan or inf: a float, which the range check then refuses
+            except ValueError:
+                pass
         return text  # a bare word: --dataset=tinystories
     # a string option keeps the text as written: --out_dir=123 means the folder "123"
     return text if isinstance(default, str) and not isinstance(value, str) else value

@@ -168,6 +168,8 @@ FINETUNE = [
 
 SAMPLE = [
     (["--temperature=-1"], "--temperature=-1.0 is out of range: it must be >= 0"),
+    (["--temperature=nan"], "--temperature=nan is not a finite number"),
+    (["--top_p=inf"], "--top_p=inf is not a finite number"),
     (["--top_k=-5"], "--top_k=-5 is out of range"),
     (["--num_samples=0"], "--num_samples=0 is out of range"),
     (["--max_new_tokens=0"], "--max_new_tokens=0 is out of range"),
