@@ -350,9 +350,10 @@ def resumed_accumulation(ckpt, accumulation, world_size):
 def restore_run(ckpt, model, optimizer, scaler, log_path, write_files=True):
     """(start_iter, best_val_loss). A resumed run gets its optimizer and scaler back and its log cut
     back to the checkpoint (lines past it came from steps about to be redone); a fresh run starts a
-    fresh log (an out_dir left by a run stopped before its first checkpoint may hold one). model is the one the optimizer steps. Under torchrun rank 0
-    alone reads the weights and the optimizer's state and broadcasts them, tensor by tensor; each
-    process keeps what it holds (under FSDP, its shard)."""
+    fresh log (an out_dir left by a run stopped before its first checkpoint may hold one). model is
+    the one the optimizer steps. Under torchrun rank 0 alone reads the weights and the optimizer's
+    state and broadcasts them, tensor by tensor; each process keeps what it holds (under FSDP, its
+    shard)."""
     if ckpt is None:
         if write_files and os.path.exists(log_path):
             os.remove(log_path)
