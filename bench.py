@@ -10,6 +10,7 @@ the same run as the reference to beat.
 import copy
 import ctypes
 import dataclasses
+import functools
 import json
 import multiprocessing
 import os
@@ -25,12 +26,9 @@ import numpy as np
 import torch
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-import benchmarks
+from lib import benchmarks, cli, files, measure, processes, speed, training
 import gpt
-from cli import autocast, configure, fail, pick_dtype, run
 from gpt import GPT, GPTConfig
-from training import (exit_ddp, flops_per_token, held_per_process, make_optimizer, make_scaler, matmul_flops, setup_ddp,
-                      shard_model, train_step)
 
 
 def timed(fn, repeat=1):
@@ -94,19 +92,19 @@ def bench_generate(new_tokens=256, prompt_len=16, batch_size=8, rounds=2):
     model = GPT(GPTConfig()).eval()
     small = GPT(GPTConfig(n_embd=96, vocab_size=256)).eval()
     prompt = torch.randint(0, 256, (1, prompt_len))
-    default = pick_dtype("auto", "cpu")
-    rows, speed, limit = [], {}, {}
+    default = cli.pick_dtype("auto", "cpu")
+    rows, rate, limit = [], {}, {}
     for dtype in dict.fromkeys(("float32", default)):
         ours, small_ours = model, small
         if dtype != "float32":
-            ours, small_ours = (copy.deepcopy(m).cast_for_inference(getattr(torch, dtype)) for m in (model, small))
+            ours, small_ours = (speed.cast_for_inference(copy.deepcopy(m), getattr(torch, dtype)) for m in (model, small))
         seconds = {1: float("inf"), batch_size: float("inf")}
         matvec = read = small_token = small_matvec = float("inf")
         for _ in range(rounds):  # the limit and the runs alternate, each keeps its best: a busy machine hurts all alike
             m, r, size = weight_pass(model, dtype)
             matvec, read = min(matvec, m), min(read, r)
             small_matvec = min(small_matvec, weight_pass(small, dtype)[0])
-            with autocast("cpu", dtype):
+            with cli.autocast("cpu", dtype):
                 small_token = min(small_token,
                                   timed(lambda: small_ours.generate(prompt, new_tokens, temperature=0)) / new_tokens)
                 for batch in seconds:
@@ -117,23 +115,23 @@ def bench_generate(new_tokens=256, prompt_len=16, batch_size=8, rounds=2):
                  (f"{dtype} matvec pass, read rate", size / matvec / 1e9, "GB/s"),
                  (f"{dtype} plain sum of the weights, read rate", size / read / 1e9, "GB/s")]
         for batch in seconds:
-            speed[dtype, batch] = batch * new_tokens / seconds[batch]
-            rows.append((f"{dtype} generate, batch {batch}, KV cache", speed[dtype, batch], "tokens/s"))
-        with autocast("cpu", dtype):  # where batch 1's time goes: the weights' matmuls, or the rest
+            rate[dtype, batch] = batch * new_tokens / seconds[batch]
+            rows.append((f"{dtype} generate, batch {batch}, KV cache", rate[dtype, batch], "tokens/s"))
+        with cli.autocast("cpu", dtype):  # where batch 1's time goes: the weights' matmuls, or the rest
             in_matmuls = seconds_in(op_seconds(lambda: ours.generate(prompt, new_tokens, temperature=0)),
                                     MATMULS) / new_tokens
-        rows += [(f"{dtype} batch 1: of the limit (goal >= 85)", 100 * speed[dtype, 1] / limit[dtype], "%"),
-                 (f"{dtype} batch 1: share of a token's time in matmuls", 100 * in_matmuls * speed[dtype, 1], "%"),
+        rows += [(f"{dtype} batch 1: of the limit (goal >= 85)", 100 * rate[dtype, 1] / limit[dtype], "%"),
+                 (f"{dtype} batch 1: share of a token's time in matmuls", 100 * in_matmuls * rate[dtype, 1], "%"),
                  (f"{dtype} batch 1: of the limit, the matmuls alone", 100 * matvec / in_matmuls, "%"),
                  (f"{dtype} a token's other operations (the same layers 96 wide)", 1e3 * other, "ms"),
-                 (f"{dtype} batch 1: of the limit plus those", 100 * (matvec + other) * speed[dtype, 1], "%"),
+                 (f"{dtype} batch 1: of the limit plus those", 100 * (matvec + other) * rate[dtype, 1], "%"),
                  (f"{dtype} batch 1 at most: the limit's time / (that time plus those)",
                   100 * matvec / (matvec + other), "%"),
-                 (f"{dtype} batch {batch_size} vs batch 1 (goal >= 5)", speed[dtype, batch_size] / speed[dtype, 1],
+                 (f"{dtype} batch {batch_size} vs batch 1 (goal >= 5)", rate[dtype, batch_size] / rate[dtype, 1],
                   "x")]
     t_nocache = timed(lambda: model.generate(prompt, new_tokens, temperature=0, use_cache=False))
     rows += [("float32 generate, no cache (recompute)", new_tokens / t_nocache, "tokens/s"),
-             ("KV-cache speed-up (float32)", speed["float32", 1] * t_nocache / new_tokens, "x")]
+             ("KV-cache speed-up (float32)", rate["float32", 1] * t_nocache / new_tokens, "x")]
     try:
         from transformers import GPT2LMHeadModel
     except ImportError:
@@ -145,9 +143,9 @@ def bench_generate(new_tokens=256, prompt_len=16, batch_size=8, rounds=2):
     t_hf = timed(lambda: hf.generate(prompt, attention_mask=mask, max_new_tokens=new_tokens, min_new_tokens=new_tokens,
                                      do_sample=False, pad_token_id=0), repeat=2)
     rows += [("transformers float32 generate (its cache)", new_tokens / t_hf, "tokens/s"),
-             ("float32 ours vs transformers", speed["float32", 1] * t_hf / new_tokens, "x")]
+             ("float32 ours vs transformers", rate["float32", 1] * t_hf / new_tokens, "x")]
     if default != "float32":
-        rows.append((f"{default} ours vs transformers float32 (goal >= 1.4)", speed[default, 1] * t_hf / new_tokens, "x"))
+        rows.append((f"{default} ours vs transformers float32 (goal >= 1.4)", rate[default, 1] * t_hf / new_tokens, "x"))
     return rows
 
 
@@ -316,16 +314,16 @@ def bench_train(steps=5, n_layer=6, n_head=6, n_embd=384, block_size=256, batch_
     except ImportError:
         GPT2LMHeadModel = None
     rows = []
-    for dtype in dict.fromkeys(("float32", pick_dtype("auto", "cpu"))):
-        peak = matmul_flops("cpu", dtype, n=2048, seconds=2.0)
+    for dtype in dict.fromkeys(("float32", cli.pick_dtype("auto", "cpu"))):
+        peak = measure.matmul_flops("cpu", dtype, n=2048, seconds=2.0)
         rows.append((f"{dtype} matmul peak (2048x2048)", peak / 1e12, "TFLOP/s"))
         model = GPT(config)
-        optimizer, scaler = make_optimizer(model, 1e-4, 0.1, (0.9, 0.95), "cpu"), make_scaler("cpu", dtype)
+        optimizer, scaler = training.make_optimizer(model, 1e-4, 0.1, (0.9, 0.95), "cpu"), training.make_scaler("cpu", dtype)
         def step():
-            train_step(model, optimizer, scaler, lambda *key: (x, y), 0, 1e-4, dtype=dtype)
+            training.train_step(model, optimizer, scaler, lambda *key: (x, y), 0, 1e-4, dtype=dtype)
         ours = timed(step, repeat=steps)
         rows.append((f"{dtype} train step, ours", tokens / ours, "tokens/s"))
-        flops = flops_per_token(config, model.num_params(), block_size) * tokens
+        flops = measure.flops_per_token(config, model.num_params(), block_size) * tokens
         times = op_seconds(step, repeat=2)
         in_matmuls = seconds_in(times, MATMULS)
         # and the operations any implementation of the step runs in some form: attention, GELU, the softmax's exp
@@ -338,7 +336,7 @@ def bench_train(steps=5, n_layer=6, n_head=6, n_embd=384, block_size=256, batch_
                   "%")]
 
         def backward(plain):  # the loss of model(x, y), chunked, or F.cross_entropy over all the logits
-            with autocast("cpu", dtype):
+            with cli.autocast("cpu", dtype):
                 loss = (torch.nn.functional.cross_entropy(model(x)[0].flatten(0, 1).float(), y.flatten()) if plain
                         else model(x, y)[1])
             loss.backward()
@@ -352,10 +350,10 @@ def bench_train(steps=5, n_layer=6, n_head=6, n_embd=384, block_size=256, batch_
             continue
         hf = GPT2LMHeadModel(GPT2Config(n_layer=n_layer, n_head=n_head, n_embd=n_embd, n_positions=block_size,
                                         resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0))
-        hf_optimizer = make_optimizer(hf, 1e-4, 0.1, (0.9, 0.95), "cpu")
+        hf_optimizer = training.make_optimizer(hf, 1e-4, 0.1, (0.9, 0.95), "cpu")
 
         def hf_step():
-            with autocast("cpu", dtype):
+            with cli.autocast("cpu", dtype):
                 loss = hf(input_ids=x, labels=y).loss
             loss.backward()
             torch.nn.utils.clip_grad_norm_(hf.parameters(), 1.0)
@@ -364,6 +362,77 @@ def bench_train(steps=5, n_layer=6, n_head=6, n_embd=384, block_size=256, batch_
         theirs = timed(hf_step, repeat=steps)
         rows.append((f"{dtype} train step, transformers", tokens / theirs, "tokens/s"))
         rows.append((f"{dtype} ours vs transformers", theirs / ours, "x"))
+    return rows
+
+
+ALLOCATORS = {  # glibc's malloc as it comes, and told to keep big freed buffers (see speed.keep_freed_memory)
+    "glibc default": {},
+    "glibc tuned": {"MALLOC_MMAP_THRESHOLD_": "4294967296", "MALLOC_TRIM_THRESHOLD_": "68719476736",
+                    "MALLOC_TOP_PAD_": "1073741824"},
+}
+
+
+def nanogpt_module(path):
+    """nanoGPT's model.py, imported from the path given (it is not part of this project)."""
+    import importlib.util
+    spec = importlib.util.spec_from_file_location("nanogpt_model", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def loss_worker(allocator, nanogpt, steps, rounds, n_layer, n_head, n_embd, block_size, batch_size):
+    """In a process started with the allocator's environment: train steps of GPT (F.cross_entropy
+    over the logits), ChunkedLossGPT and nanoGPT's GPT at nanoGPT's shape (vocabulary padded to
+    50304, no bias), the same AdamW and training.train_step for all, alternating, the best of
+    rounds for each; then GPT again after speed.keep_freed_memory(), as train.py runs it."""
+    rows = []
+    config = dict(block_size=block_size, vocab_size=50304, n_layer=n_layer, n_head=n_head, n_embd=n_embd, bias=False)
+    x, y = (torch.randint(0, 50304, (batch_size, block_size)) for _ in range(2))
+    tokens = batch_size * block_size
+    for dtype in dict.fromkeys(("float32", cli.pick_dtype("auto", "cpu"))):
+        models = {"GPT (F.cross_entropy)": GPT, "ChunkedLossGPT": speed.ChunkedLossGPT}
+        if nanogpt:
+            theirs = nanogpt_module(nanogpt)
+            models["nanoGPT"] = lambda c: theirs.GPT(theirs.GPTConfig(**config))
+        steps_of = {}
+        for name, build in models.items():
+            torch.manual_seed(0)
+            model = build(GPTConfig(**config))
+            optimizer, scaler = training.make_optimizer(model, 1e-4, 0.1, (0.9, 0.95), "cpu"), training.make_scaler("cpu", dtype)
+            steps_of[name] = functools.partial(training.train_step, model, optimizer, scaler, lambda *key: (x, y), 0, 1e-4,
+                                               dtype=dtype)
+        best = dict.fromkeys(models, float("inf"))
+        for _ in range(rounds):  # alternating: a busy machine slows all alike
+            for name, step in steps_of.items():
+                best[name] = min(best[name], timed(step, repeat=steps))
+        if allocator == "glibc default":
+            speed.keep_freed_memory()
+            best["GPT, with keep_freed_memory (train.py)"] = timed(steps_of["GPT (F.cross_entropy)"], repeat=steps * rounds)
+        for name, seconds in best.items():
+            rows.append((f"{dtype} {allocator}: {name}", tokens / seconds, "tokens/s"))
+            if nanogpt and name != "nanoGPT":
+                rows.append((f"{dtype} {allocator}: {name} vs nanoGPT", best["nanoGPT"] / seconds, "x"))
+    print(json.dumps(rows))
+
+
+def bench_loss(nanogpt="", steps=3, rounds=3, n_layer=6, n_head=6, n_embd=384, block_size=256, batch_size=8):
+    """Train steps with the plain loss (GPT) and the chunked one (ChunkedLossGPT), and nanoGPT's
+    model.py where --loss_nanogpt gives its path, under glibc's default allocator and under one
+    told to keep big freed buffers, each in a process of its own, since glibc reads its settings
+    at start-up. Both losses in float32 and, where the CPU has it, bfloat16."""
+    if nanogpt and not os.path.isfile(nanogpt):
+        cli.fail(f"--loss_nanogpt={nanogpt}: no such file; give the path of nanoGPT's model.py")
+    rows = []
+    for allocator, env in ALLOCATORS.items():
+        args = json.dumps([allocator, nanogpt and os.path.abspath(nanogpt), steps, rounds, n_layer, n_head, n_embd,
+                           block_size, batch_size])
+        r = subprocess.run([sys.executable, "-c", f"import bench, json, sys; bench.loss_worker(*json.loads(sys.argv[1]))",
+                            args], capture_output=True, text=True, env={**os.environ, **env},
+                           cwd=os.path.dirname(os.path.abspath(__file__)))
+        if r.returncode:
+            raise RuntimeError(f"the {allocator} run failed:\n{r.stderr}")
+        rows += [tuple(row) for row in json.loads(r.stdout.splitlines()[-1])]
     return rows
 
 
@@ -376,26 +445,26 @@ def local_bytes(tensors):
 def parallel_worker(mode, n_layer, n_head, n_embd, batch_size, block_size, steps):
     """One process of bench_parallel; prints its figures as a JSON line. mode: single, ddp, fsdp
     (these two under torchrun), keep or recompute (one process, activation checkpointing off or on)."""
-    rank, world_size, device = setup_ddp("cpu")
+    rank, world_size, device = processes.setup_ddp("cpu")
     torch.manual_seed(0)  # the same initial weights in every process
     model = GPT(GPTConfig(block_size=block_size, n_layer=n_layer, n_head=n_head, n_embd=n_embd))
     model.activation_checkpointing = mode == "recompute"
     trained = DDP(model) if mode == "ddp" else model
     if mode == "fsdp":
-        shard_model(model, device, "float32")
-    optimizer, scaler = make_optimizer(model, 1e-4, 0.1, (0.9, 0.95), device), make_scaler(device, "float32")
+        processes.shard_model(model, device, "float32")
+    optimizer, scaler = training.make_optimizer(model, 1e-4, 0.1, (0.9, 0.95), device), training.make_scaler(device, "float32")
     torch.manual_seed(1 + rank)  # each process its own random batch
     x, y = (torch.randint(0, model.config.vocab_size, (batch_size, block_size)) for _ in range(2))
 
     def seconds_per_step():
         t0 = time.perf_counter()  # the step ends with the optimizer's update: DDP and FSDP have synchronized by then
-        train_step(trained, optimizer, scaler, lambda *key: (x, y), 0, 1e-4, rank=rank, world_size=world_size)
+        training.train_step(trained, optimizer, scaler, lambda *key: (x, y), 0, 1e-4, rank=rank, world_size=world_size)
         return time.perf_counter() - t0
 
     seconds_per_step()  # warm-up; allocates AdamW's moments
     reset = reset_peak_rss()  # the peak while training, not while building (FSDP starts from the whole model)
     figures = {"rank": rank, "seconds": statistics.median(seconds_per_step() for _ in range(steps)),
-               "peak": peak_rss(reset), "held": held_per_process(model)}
+               "peak": peak_rss(reset), "held": processes.held_per_process(model)}
     # train_step's zero_grad drops the gradients: one more forward and backward makes them, to count
     trained(x, y)[1].backward()
     figures |= {"weights": local_bytes(model.parameters()),
@@ -409,7 +478,7 @@ def parallel_worker(mode, n_layer, n_head, n_embd, batch_size, block_size, steps
         model(x, y)[1].backward()
         figures["activations"] = status_bytes("VmHWM") - figures["resident"]
     print(json.dumps(figures), flush=True)
-    exit_ddp()
+    processes.exit_ddp()
 
 
 def run_workers(nproc, **args):
@@ -505,7 +574,7 @@ def one_at_a_time(model, task, dtype):
         for tokens, n in example:
             row = torch.tensor(tokens[-(block + 1):])
             n = min(n, len(row) - 1)
-            with autocast("cpu", dtype):
+            with cli.autocast("cpu", dtype):
                 logits, _ = model(row[None, :-1])
             logprobs, targets = logits[0, -n:].float().log_softmax(-1), row[-n:]
             scores.append((logprobs.gather(1, targets[:, None]).sum().item(),
@@ -517,7 +586,7 @@ def one_at_a_time(model, task, dtype):
 def forward_flops(config, body_params, rows, seq_len, logit_rows):
     """FLOPs of a forward pass over rows x seq_len tokens (training.flops_per_token's count, a third
     of it: 2 per weight, attention over seq_len) with logit_rows rows through the lm_head."""
-    return (rows * seq_len * flops_per_token(config, body_params, seq_len) / 3
+    return (rows * seq_len * measure.flops_per_token(config, body_params, seq_len) / 3
             + 2 * config.n_embd * config.vocab_size * logit_rows)
 
 
@@ -566,9 +635,9 @@ def bench_eval(hellaswag_examples=24, wikitext_tokens=4096, batch_size=16):
     tasks = {"hellaswag": (synthetic_hellaswag(hellaswag_examples, config.vocab_size), "examples/s"),
              "wikitext": (synthetic_wikitext(wikitext_tokens, config.vocab_size, config.block_size,
                                              config.block_size // 2), "tokens/s")}
-    default = pick_dtype("auto", "cpu")
+    default = cli.pick_dtype("auto", "cpu")
     dtypes = ["float32"] + (["bfloat16"] if default == "bfloat16" else [])
-    rows, speed, mfu, peaks, efficiency = [], {}, {}, {}, {}
+    rows, rate, mfu, peaks, efficiency = [], {}, {}, {}, {}
     flops = {name: task_flops(config, body, task, batch_size) for name, (task, _) in tasks.items()}
     # HellaSwag's matmul rows: one request's tokens; a batch's, its padding included
     hellaswag = tasks["hellaswag"][0].examples
@@ -576,12 +645,12 @@ def bench_eval(hellaswag_examples=24, wikitext_tokens=4096, batch_size=16):
     batches = [[r for i in b for r in hellaswag[i]] for b in benchmarks.batches_of(hellaswag, batch_size)]
     large = round(statistics.mean(len(b) * (max(len(tokens) for tokens, _ in b) - 1) for b in batches))
     for dtype in dtypes:
-        peaks[dtype] = matmul_flops("cpu", dtype, n=2048, seconds=2.0)
+        peaks[dtype] = measure.matmul_flops("cpu", dtype, n=2048, seconds=2.0)
         rows.append((f"{dtype} matmul peak (2048x2048)", peaks[dtype] / 1e12, "TFLOP/s"))
         for r in (small, large):
             efficiency[dtype, r] = 100 * linear_flops(r, config.n_embd, dtype) / peaks[dtype]
             rows.append((f"{dtype} matmul {r}x768 @ 768x3072, of peak", efficiency[dtype, r], "%"))
-        scoring = copy.deepcopy(model).cast_for_inference(getattr(torch, dtype)) if dtype != "float32" else model
+        scoring = speed.cast_for_inference(copy.deepcopy(model), getattr(torch, dtype)) if dtype != "float32" else model
         for name, (task, unit) in tasks.items():
             count = hellaswag_examples if name == "hellaswag" else wikitext_tokens - 1
             first = dataclasses.replace(task, examples=task.examples[:1])  # each way's warm-up: the first example
@@ -600,7 +669,7 @@ def bench_eval(hellaswag_examples=24, wikitext_tokens=4096, batch_size=16):
                 raise RuntimeError(f"{name}: one at a time gives {metric} {alone[metric]}, run_task {batched[metric]}")
             for way, t, work in (("one at a time", t_alone, flops[name][0]),
                                  (f"run_task batch {batch_size}", t_batched, flops[name][1])):
-                speed[name, dtype, way[:3]] = count / t
+                rate[name, dtype, way[:3]] = count / t
                 mfu[name, dtype, way[:3]] = 100 * work / t / peaks[dtype]
                 rows += [(f"{name} {dtype}, {way}", count / t, unit),
                          (f"{name} {dtype}, {way}: MFU", mfu[name, dtype, way[:3]], "%")]
@@ -614,10 +683,10 @@ def bench_eval(hellaswag_examples=24, wikitext_tokens=4096, batch_size=16):
     short = {"float32": "f32", "bfloat16": "bf16"}
     for name in tasks:
         rows.append((f"{name} {short[default]} batched / f32 loop (goal >= 3)",
-                     speed[name, default, "run"] / speed[name, "float32", "one"], "x"))
+                     rate[name, default, "run"] / rate[name, "float32", "one"], "x"))
     for name, (task, _) in tasks.items():  # why short of 3x, in the figures above
-        alone = {d: speed[name, d, "run"] / speed[name, d, "one"] for d in dtypes}
-        goal = speed[name, default, "run"] / speed[name, "float32", "one"]
+        alone = {d: rate[name, d, "run"] / rate[name, d, "one"] for d in dtypes}
+        goal = rate[name, default, "run"] / rate[name, "float32", "one"]
         if min(alone.values()) >= 3 and goal >= 3:
             continue
         work, ds = flops[name][0] / flops[name][1], " / ".join(dtypes)
@@ -638,6 +707,7 @@ def bench_eval(hellaswag_examples=24, wikitext_tokens=4096, batch_size=16):
 
 
 BENCHES = {"generate": bench_generate, "finetune": bench_finetune, "tokenize": bench_tokenize, "train": bench_train,
+           "loss": bench_loss,
            "parallel": bench_parallel, "eval": bench_eval}
 
 # ----------------------------------------------------------------------------- defaults
@@ -648,6 +718,8 @@ DEFAULTS = {
     "tokenize_mb": 200,         # >= 1; size of the generated corpus
     "finetune_n_layer": 24,     # >= 1; 24 is GPT-2 medium's depth
     "train_steps": 5,           # >= 1; timed training steps
+    "loss_nanogpt": "",         # the path of nanoGPT's model.py, to train it beside ours; "": ours alone
+    "loss_rounds": 3,           # >= 1; alternating rounds of 3 timed steps per model, the best counts
     "parallel_n_layer": 24,     # >= 1; 24 is GPT-2 medium's depth
     "parallel_steps": 2,        # >= 1; timed steps per case, after a warm-up; their median counts
     "eval_hellaswag_examples": 24,  # >= 1; synthetic HellaSwag examples (4 requests each)
@@ -658,20 +730,20 @@ DEFAULTS = {
 
 
 def main(argv=None):
-    cfg = configure(DEFAULTS, argv, doc=__doc__, source=__file__)
+    cfg = cli.configure(DEFAULTS, argv, doc=__doc__, source=__file__)
     names = [n for n in cfg["only"].split(",") if n] or list(BENCHES)
     for n in names:
         if n not in BENCHES:
-            fail(f"unknown section {n!r}: choose from {', '.join(BENCHES)}")
+            cli.fail(f"unknown section {n!r}: choose from {', '.join(BENCHES)}")
     results = {"threads": torch.get_num_threads(), "torch": torch.__version__}
     for name in names:
         rows = BENCHES[name](**{k.removeprefix(name + "_"): v for k, v in cfg.items() if k.startswith(name + "_")})
         results[name] = [{"what": w, "value": round(v, 3), "unit": u} for w, v, u in rows]
         for what, value, unit in rows:
             print(f"{name:10s} {what:45s} {value:12.2f} {unit}", flush=True)
-    with gpt.atomic_write(cfg["out"]) as f:
+    with files.atomic_write(cfg["out"]) as f:
         f.write(json.dumps(results, indent=2).encode())
 
 
 if __name__ == "__main__":
-    run(main)
+    cli.run(main)

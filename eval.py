@@ -24,11 +24,7 @@ from urllib.parse import urlsplit
 import torch
 import torch.distributed as dist
 
-import benchmarks
-from cli import configure, fail, pick_device, pick_dtype, run, writable_dir
-from data import require_pyarrow
-from gpt import DownloadError, atomic_write, get_tokenizer
-from training import exit_ddp, load_model, rank_zero_first, setup_ddp
+from lib import benchmarks, cli, datasets, downloads, files, models, processes, speed
 
 # ----------------------------------------------------------------------------- defaults
 # the model
@@ -54,14 +50,14 @@ def check(cfg):
     """Every mistake in the options, before anything is downloaded."""
     names = benchmarks.parse_tasks(cfg["tasks"], "--tasks")
     if not names:
-        fail(f"--tasks is empty: name one or more of {', '.join(benchmarks.TASKS)}")
+        cli.fail(f"--tasks is empty: name one or more of {', '.join(benchmarks.TASKS)}")
     if cfg["wikitext_text"] not in ("detokenized", "guide"):
-        fail(f"--wikitext_text={cfg['wikitext_text']!r} is not one of 'detokenized', 'guide'")
+        cli.fail(f"--wikitext_text={cfg['wikitext_text']!r} is not one of 'detokenized', 'guide'")
     for key in ("lambada_url", "hellaswag_url"):
         if urlsplit(cfg[key]).scheme not in ("http", "https"):
-            fail(f"--{key}={cfg[key]!r} is not an http(s) URL")
+            cli.fail(f"--{key}={cfg[key]!r} is not an http(s) URL")
     if any(name in benchmarks.WIKITEXT for name in names):
-        require_pyarrow()
+        datasets.require_pyarrow()
     return names
 
 
@@ -79,21 +75,21 @@ def table(results):
 
 def main(argv=None):
     defaults = {k: v for k, v in globals().items() if not k.startswith("_") and isinstance(v, (int, float, str))}
-    cfg = configure(defaults, argv, doc=__doc__, source=__file__)
+    cfg = cli.configure(defaults, argv, doc=__doc__, source=__file__)
     names = check(cfg)
-    writable_dir(cfg["out_dir"])
-    rank, world_size, device = setup_ddp(pick_device(cfg["device"]))
-    dtype = pick_dtype(cfg["dtype"], device)
-    with rank_zero_first():  # downloads, once per node
-        model, tokenizer_name = load_model(cfg)
+    cli.writable_dir(cfg["out_dir"])
+    rank, world_size, device = processes.setup_ddp(cli.pick_device(cfg["device"]))
+    dtype = cli.pick_dtype(cfg["dtype"], device)
+    with processes.rank_zero_first():  # downloads, once per node
+        model, tokenizer_name = models.load_model(cfg)
         config = model.config
         if cfg["stride"] > config.block_size:
-            fail(f"--stride={cfg['stride']} is longer than the model's context of {config.block_size} tokens: "
+            cli.fail(f"--stride={cfg['stride']} is longer than the model's context of {config.block_size} tokens: "
                  f"windows would skip tokens")
         try:
-            enc = get_tokenizer(tokenizer_name)
-        except (ValueError, DownloadError) as e:
-            fail(str(e))
+            enc = datasets.get_tokenizer(tokenizer_name)
+        except (ValueError, downloads.DownloadError) as e:
+            cli.fail(str(e))
         loaded = [benchmarks.load_task(name, enc, config, stride=cfg["stride"], limit=cfg["limit"],
                                        text_form=cfg["wikitext_text"],
                                        urls={"lambada": cfg["lambada_url"], "hellaswag": cfg["hellaswag_url"]})
@@ -103,7 +99,7 @@ def main(argv=None):
         for tensor in model.state_dict().values():
             dist.broadcast(tensor, 0)
     if dtype != "float32":
-        model.cast_for_inference(getattr(torch, dtype))
+        speed.cast_for_inference(model, getattr(torch, dtype))
 
     results = {}
     for task in loaded:
@@ -127,11 +123,11 @@ def main(argv=None):
                   "results": results}
         if cfg["init_from"] == "resume":
             record["model"]["checkpoint"] = os.path.join(cfg["out_dir"], "ckpt.pt")
-        with atomic_write(path) as f:
+        with files.atomic_write(path) as f:
             f.write((json.dumps(record, indent=2) + "\n").encode())
         print(f"results in {path}")
-    exit_ddp()
+    processes.exit_ddp()
 
 
 if __name__ == "__main__":
-    run(main)
+    cli.run(main)

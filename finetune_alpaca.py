@@ -36,9 +36,7 @@ import torch
 import torch.distributed as dist
 
 import gpt
-import training
-from cli import autocast, fail, pick_device, pick_dtype, run, writable_dir
-from data import alpaca_prompt, seed_for
+from lib import checkpoints, cli, datasets, downloads, logs, measure, models, processes, stops, training
 
 # ----------------------------------------------------------------------------- defaults
 init_from = "gpt2"        # gpt2 | gpt2-medium | gpt2-large | gpt2-xl | a local HF directory | resume
@@ -93,7 +91,7 @@ def encode_example(enc, record):
     """(ids, n_prompt): the prompt's tokens then the response's and <|endoftext|>; the first
     n_prompt ids are the prompt. Text is encoded as ordinary text: an "<|endoftext|>" inside a
     record is letters, not the special token."""
-    prompt = enc.encode_ordinary(alpaca_prompt(record["instruction"], record["input"]))
+    prompt = enc.encode_ordinary(datasets.alpaca_prompt(record["instruction"], record["input"]))
     response = enc.encode_ordinary(record["output"]) + [enc.eot_token]
     return prompt + response, len(prompt)
 
@@ -122,13 +120,13 @@ def alpaca_file(c):
         return c.data_path
     try:
         if c.data == "alpaca-cleaned":
-            return gpt.hub_file("yahma/alpaca-cleaned", "alpaca_data_cleaned.json", repo_type="dataset")
+            return downloads.hub_file("yahma/alpaca-cleaned", "alpaca_data_cleaned.json", repo_type="dataset")
         if c.data == "alpaca":
-            return gpt.download(c.alpaca_url, gpt.cache_dir() / "alpaca" / "alpaca_data.json")
-    except gpt.DownloadError as e:
-        fail(f"{e}. Without it: a local copy with --data_path=file.json"
+            return downloads.download(c.alpaca_url, downloads.cache_dir() / "alpaca" / "alpaca_data.json")
+    except downloads.DownloadError as e:
+        cli.fail(f"{e}. Without it: a local copy with --data_path=file.json"
              f"{', or HF_ENDPOINT=<a mirror of the hub>' if c.data == 'alpaca-cleaned' else ', or another --alpaca_url'}")
-    fail(f"--data={c.data} is not one of alpaca-cleaned, alpaca (or give --data_path=file.json)")
+    cli.fail(f"--data={c.data} is not one of alpaca-cleaned, alpaca (or give --data_path=file.json)")
 
 
 def read_records(path):
@@ -138,13 +136,13 @@ def read_records(path):
         with open(path, encoding="utf-8") as f:
             records = json.load(f)
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        fail(f"cannot read {path} as Alpaca JSON: {e}")
+        cli.fail(f"cannot read {path} as Alpaca JSON: {e}")
     if not isinstance(records, list) or not records:
-        fail(f"{path}: expected a non-empty JSON list of records")
+        cli.fail(f"{path}: expected a non-empty JSON list of records")
     for i, r in enumerate(records):
         if not (isinstance(r, dict) and isinstance(r.get("instruction"), str) and isinstance(r.get("output"), str)
                 and isinstance(r.get("input", ""), str)):
-            fail(f"{path}: record {i} is not {{\"instruction\": str, \"input\": str, \"output\": str}}: {str(r)[:80]}")
+            cli.fail(f"{path}: record {i} is not {{\"instruction\": str, \"input\": str, \"output\": str}}: {str(r)[:80]}")
     return [{"instruction": r["instruction"], "input": r.get("input", ""), "output": r["output"]} for r in records]
 
 
@@ -153,14 +151,14 @@ def split_records(records, val_size, subset, seed, announce=True):
     tenth of the records, at least 1), then --subset of the rest. The held-out records do not
     depend on subset, so runs on different subsets compare."""
     if len(records) < 2:
-        fail(f"{len(records)} record: too few to hold any out for validation")
+        cli.fail(f"{len(records)} record: too few to hold any out for validation")
     if not val_size:
         val_size = max(1, min(500, len(records) // 10))
         if announce:
             print(f"--val_size=0: holding out {val_size} of the {len(records)} records")
     if val_size >= len(records):
-        fail(f"--val_size={val_size} must be below the {len(records)} records, to leave some to train on")
-    order = torch.randperm(len(records), generator=torch.Generator().manual_seed(seed_for(seed, "split")))
+        cli.fail(f"--val_size={val_size} must be below the {len(records)} records, to leave some to train on")
+    order = torch.randperm(len(records), generator=torch.Generator().manual_seed(datasets.seed_for(seed, "split")))
     shuffled = [records[i] for i in order.tolist()]
     rest = shuffled[val_size:]
     return rest[:subset] if subset else rest, shuffled[:val_size]
@@ -186,7 +184,7 @@ def batch_loader(splits, batch_size, micro_per_step, mask_prompt, pad_id, device
 
     @functools.lru_cache(maxsize=2)
     def epoch_order(epoch):
-        gen = torch.Generator().manual_seed(seed_for(seed, "epoch", epoch))
+        gen = torch.Generator().manual_seed(datasets.seed_for(seed, "epoch", epoch))
         return torch.randperm(len(examples), generator=gen).tolist()
 
     def rows(split, key, index):
@@ -212,8 +210,8 @@ def prepare_model(c, ckpt, vocab_size):
     for QLoRA), or all of it trainable (lora_rank=0). A resumed full fine-tune comes whole from
     its checkpoint; a resumed LoRA run rebuilds the frozen base from init_from and loads the rest."""
     if ckpt is not None and not c.lora_rank:
-        return training.model_from_checkpoint(ckpt, vars(c))
-    model = training.build_model(c, vocab_size, ckpt=None)
+        return models.model_from_checkpoint(ckpt, vars(c))
+    model = models.build_model(c, vocab_size, ckpt=None)
     if ckpt is not None:
         with torch.no_grad():
             for name, p in model.named_parameters():
@@ -227,9 +225,9 @@ def respond(model, enc, record, max_new_tokens, device, dtype, stop_early=True):
     """The model's greedy response to a record's instruction (and input). stop_early: stop at
     <|endoftext|>; under FSDP every process generates all max_new_tokens, so that none can stop
     while the others still need it for the next forward pass, and the response is cut there."""
-    ids = enc.encode_ordinary(alpaca_prompt(record["instruction"], record["input"]))
+    ids = enc.encode_ordinary(datasets.alpaca_prompt(record["instruction"], record["input"]))
     model.eval()
-    with autocast(device, dtype):
+    with cli.autocast(device, dtype):
         out = model.generate(torch.tensor([ids], device=device), max_new_tokens, temperature=0,
                              eos_id=enc.eot_token if stop_early else None)
     model.train()
@@ -243,34 +241,34 @@ def sequence_length(max_seq_len, context):
     """The longest example kept: --max_seq_len, which must fit the model's context, or by default
     the smaller of 512 and that context."""
     if max_seq_len > context:
-        fail(f"--max_seq_len={max_seq_len} is longer than the model's context of {context} tokens")
+        cli.fail(f"--max_seq_len={max_seq_len} is longer than the model's context of {context} tokens")
     return max_seq_len or min(512, context)
 
 
 def main(argv=None):
-    cfg, ckpt = training.run_config(DEFAULTS, FIXED_KEYS, argv, __doc__, __file__)
+    cfg, ckpt = checkpoints.run_config(DEFAULTS, FIXED_KEYS, argv, __doc__, __file__)
     ckpt_path = os.path.join(cfg["out_dir"], "ckpt.pt")
     if ckpt is not None:
         cfg["init_from"] = ckpt["config"]["init_from"]  # the base model, so that the next resume finds it too
     c = SimpleNamespace(**cfg)
-    training.check_adapters(cfg)
+    models.check_adapters(cfg)
     if c.init_from == "scratch":
-        fail("fine-tuning starts from trained weights: --init_from=gpt2 (or another GPT-2, or a HF directory)")
-    writable_dir(c.out_dir)
+        cli.fail("fine-tuning starts from trained weights: --init_from=gpt2 (or another GPT-2, or a HF directory)")
+    cli.writable_dir(c.out_dir)
     lr = c.learning_rate or (3e-4 if c.lora_rank else 3e-5)
-    rank, world_size, device = training.setup_ddp(pick_device(c.device))
+    rank, world_size, device = processes.setup_ddp(cli.pick_device(c.device))
     master = rank == 0  # only the first process writes files and prints
     if ckpt is not None:
-        cfg["gradient_accumulation_steps"] = c.gradient_accumulation_steps = training.resumed_accumulation(
+        cfg["gradient_accumulation_steps"] = c.gradient_accumulation_steps = checkpoints.resumed_accumulation(
             ckpt, c.gradient_accumulation_steps, world_size)
-    dtype = pick_dtype(c.dtype, device)
-    training.check_fsdp(c.fsdp, c.quantize, dtype)
+    dtype = cli.pick_dtype(c.dtype, device)
+    processes.check_fsdp(c.fsdp, c.quantize, dtype)
     try:
-        enc = gpt.get_tokenizer("gpt2")
-    except gpt.DownloadError as e:
-        fail(str(e))
+        enc = datasets.get_tokenizer("gpt2")
+    except downloads.DownloadError as e:
+        cli.fail(str(e))
 
-    with training.rank_zero_first():  # the data and the weights are downloaded once
+    with processes.rank_zero_first():  # the data and the weights are downloaded once
         train_records, val_records = split_records(read_records(alpaca_file(c)), c.val_size, c.subset, c.seed,
                                                    master)
         model = prepare_model(c, ckpt, enc.n_vocab).to(device)
@@ -278,7 +276,7 @@ def main(argv=None):
     splits = {"train": tokenize(enc, train_records, max_seq_len, "train", master),
               "val": tokenize(enc, val_records, max_seq_len, "val", master)}
     if len(splits["train"]) < c.batch_size or not splits["val"]:
-        fail(f"{len(splits['train'])} training and {len(splits['val'])} validation examples fit in "
+        cli.fail(f"{len(splits['train'])} training and {len(splits['val'])} validation examples fit in "
              f"max_seq_len={max_seq_len}: too few for --batch_size={c.batch_size}")
     micro_per_step = world_size * c.gradient_accumulation_steps
     get_batch, step_tokens = batch_loader(splits, c.batch_size, micro_per_step, c.mask_prompt, enc.eot_token,
@@ -291,53 +289,53 @@ def main(argv=None):
     total = model.num_params(non_embedding=False)
     model.activation_checkpointing = c.activation_checkpointing
     sharded = c.fsdp and world_size > 1
-    step_dtype = training.shard_model(model, device, dtype) if sharded else dtype  # what autocast casts to
+    step_dtype = processes.shard_model(model, device, dtype) if sharded else dtype  # what autocast casts to
     optimizer = training.make_optimizer(model, lr, c.weight_decay, (c.beta1, c.beta2), device)
     scaler = training.make_scaler(device, dtype)
     log_path = os.path.join(c.out_dir, "log.jsonl")
-    start_iter, best_val_loss = training.restore_run(ckpt, model, optimizer, scaler, log_path, write_files=master)
-    trained = training.data_parallel(model, world_size, sharded, device)
+    start_iter, best_val_loss = checkpoints.restore(ckpt, model, optimizer, scaler, log_path, write_files=master)
+    trained = processes.data_parallel(model, world_size, sharded, device)
     if master:
         mode = "full fine-tune" if not c.lora_rank else "QLoRA" if c.quantize == "nf4" else "LoRA"
         print(f"{mode} of {c.init_from}: {trainable / 1e6:.2f}M of {total / 1e6:.2f}M parameters train; "
               f"{len(splits['train'])} training, {len(splits['val'])} validation examples; "
-              f"{world_size} process(es) ({training.split_name(world_size, sharded)}) on {device}, {dtype}\n{training.held_per_process(model)}")
+              f"{world_size} process(es) ({processes.split_name(world_size, sharded)}) on {device}, {dtype}\n{processes.held_per_process(model)}")
 
     def checkpoint(it, evaluated=True):
         """Every process takes part (FSDP gathers the shards); rank 0 writes."""
         # a LoRA run keeps only what trains: the frozen base comes back from init_from
-        model_state, optimizer_state = training.full_state(model, optimizer, trainable_only=bool(c.lora_rank))
+        model_state, optimizer_state = checkpoints.full_state(model, optimizer, trainable_only=bool(c.lora_rank))
         if not master:
             return
-        state = training.run_state(optimizer_state, scaler, it, best_val_loss, cfg, model, "gpt2", log_path,
+        state = checkpoints.run_state(optimizer_state, scaler, it, best_val_loss, cfg, model, "gpt2", log_path,
                                    script="finetune_alpaca.py", world_size=world_size, evaluated=evaluated)
         if c.lora_rank:
             gpt.save_adapter(model, c.out_dir, base_model=c.init_from, state=model_state)
             state["adapter"] = model_state
         else:
             state["model"] = model_state
-        training.save_checkpoint(ckpt_path, state)
+        checkpoints.save(ckpt_path, state)
 
     it = start_iter
     t_last, it_last, tokens = time.perf_counter(), it, 0
-    with training.stop_signals(announce=master) as caught:
+    with stops.stop_signals(announce=master) as caught:
         while True:
             if training.due_for_eval(it, c.eval_interval, c.max_iters, ckpt, start_iter):
                 losses = training.evaluate(model, get_batch, eval_iters, rank, world_size, device, step_dtype)
                 best_val_loss = min(best_val_loss, losses["val"])
                 responses = []
                 if master or sharded:  # under FSDP every process generates: the forward passes gather weights
-                    with training.gathered(model, sharded):
+                    with processes.gathered(model, sharded):
                         responses = [{**r, "response": respond(model, enc, r, c.sample_tokens, device, step_dtype,
                                                                stop_early=not sharded)} for r in held_out]
                 if master:
-                    print(training.eval_line(it, losses, best_val_loss))
+                    print(logs.eval_line(it, losses, best_val_loss))
                     for r in responses:
                         print(f"  {r['instruction']!r} -> {r['response']!r}")
-                    training.log_record(log_path, {"iter": it, "train_loss": losses["train"],
+                    logs.log_record(log_path, {"iter": it, "train_loss": losses["train"],
                                                    "val_loss": losses["val"], "best_val_loss": best_val_loss,
                                                    "responses": responses})
-                    training.plot_log(log_path, os.path.join(c.out_dir, "loss.png"))
+                    logs.plot_log(log_path, os.path.join(c.out_dir, "loss.png"))
                 checkpoint(it)
                 t_last, it_last, tokens = time.perf_counter(), it, 0
             if it >= c.max_iters:
@@ -349,34 +347,34 @@ def main(argv=None):
                                        device=device, dtype=step_dtype, grad_clip=c.grad_clip, seed=c.seed)
             tokens += step_tokens(it)
             if it % c.log_interval == 0:
-                loss = training.mean_over_ranks(loss, world_size)
+                loss = processes.mean_over_ranks(loss, world_size)
                 seconds = time.perf_counter() - t_last
                 record = {"iter": it, "loss": loss, "lr": step_lr, "tokens_per_s": tokens / seconds,
-                          "ms": 1000 * seconds / (it + 1 - it_last), "mem": training.memory_mb(device)}
+                          "ms": 1000 * seconds / (it + 1 - it_last), "mem": measure.memory_mb(device)}
                 if master:
-                    training.log_step(log_path, record)
+                    logs.log_step(log_path, record)
                 t_last, it_last, tokens = time.perf_counter(), it + 1, 0
             it += 1
-            stop = training.agreed_stop(caught, world_size, device)
+            stop = stops.agreed_stop(caught, world_size, device)
             if stop and it < c.max_iters:
                 checkpoint(it, evaluated=False)
                 if master:
-                    print(training.stop_message(it, ckpt_path, "finetune_alpaca.py", c.out_dir, world_size),
+                    print(stops.stop_message(it, ckpt_path, "finetune_alpaca.py", c.out_dir, world_size),
                           flush=True)
                 if world_size > 1:
                     dist.barrier()  # no process may exit while the checkpoint is being written
-                training.exit_ddp(128 + stop)
+                processes.exit_ddp(128 + stop)
     if master:
         print(f"done: {c.max_iters} iterations; checkpoint in {ckpt_path}, log in {log_path}")
     if c.merge:
         write_merged(c, model, enc.n_vocab, master)
-    training.exit_ddp()
+    processes.exit_ddp()
 
 
 def write_merged(c, model, vocab_size, master):
     """--merge=True: the trained model as a plain GPT-2 in the Hugging Face format, its adapters
     folded in. Made on rank 0 from the gathered weights, on a fresh copy: the same under FSDP."""
-    state = training.full_model_state(model)  # every process takes part
+    state = checkpoints.full_model_state(model)  # every process takes part
     if master:
         plain = prepare_model(c, None, vocab_size)
         plain.load_state_dict(state)
@@ -386,4 +384,4 @@ def write_merged(c, model, vocab_size, master):
 
 
 if __name__ == "__main__":
-    run(main)
+    cli.run(main)

@@ -1,36 +1,22 @@
 """GPT-2 in one file, to be read top to bottom.
 
-    config -> layers -> loss -> model -> downloads -> tokenizer -> safetensors -> GPT-2 weights
-           -> nf4 (4-bit weights) -> lora (low-rank adapters; on nf4 weights, QLoRA)
-
-class GPT holds the forward pass, generation, and from_pretrained / save_pretrained, which hand
-the file work to the GPT-2 weights section.
+Part I, the model: config -> layers -> GPT (forward, loss) -> generation. It needs nothing below it.
+Part II, GPT-2's weights: from_pretrained and save_pretrained, in Hugging Face's layout.
+Part III, LoRA on 4-bit NF4 weights (QLoRA): fine-tuning a few numbers beside frozen ones.
 
 The defaults are OpenAI's GPT-2 exactly (learned positions, tanh GELU, pre-norm LayerNorm, tied
-embeddings); pos_emb="rope" and mlp="swiglu" give the modern variant. Pretrained weights are read
-from Hugging Face's files by hand: no transformers, no pickle.
+embeddings); pos_emb="rope" and mlp="swiglu" give the modern variant.
 """
-import hashlib
-import json
 import math
 import os
-import reprlib
-import struct
-import time
-from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from pathlib import Path
-from urllib.parse import urlsplit
 
-import requests
-import tiktoken
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from tqdm import tqdm
 
-
-# ----------------------------------------------------------------------------- config
+# ============================================================================= Part I: the model
 
 @dataclass
 class GPTConfig:
@@ -55,8 +41,6 @@ class GPTConfig:
             raise ValueError("rope needs an even head size (n_embd // n_head)")
 
 
-# ----------------------------------------------------------------------------- layers
-
 def rope_tables(config, base=10000.0):
     """cos and sin of every position times every rotary frequency, shape (block_size, head_size)."""
     head_size = config.n_embd // config.n_head
@@ -70,22 +54,6 @@ def apply_rope(x, cos, sin):
     """Rotate each pair (x_i, x_{i+d/2}) by its position's angle: q.k then depends on distance only."""
     x1, x2 = x.chunk(2, dim=-1)
     return (x * cos + torch.cat([-x2, x1], dim=-1) * sin).type_as(x)
-
-
-class KVCache:
-    """Keys and values one attention layer has seen, in buffers allocated once per generation and
-    written in place. dtype: the buffers' (None: the keys' own)."""
-
-    def __init__(self, capacity, dtype=None):
-        self.capacity, self.dtype, self.k, self.v = capacity, dtype, None, None
-
-    def update(self, k, v, pos):
-        if self.k is None:
-            shape = (k.size(0), k.size(1), self.capacity, k.size(3))  # (B, nh, capacity, hs)
-            self.k, self.v = (t.new_empty(shape, dtype=self.dtype or t.dtype) for t in (k, v))
-        end = pos + k.size(2)
-        self.k[:, :, pos:end], self.v[:, :, pos:end] = k, v
-        return self.k[:, :, :end], self.v[:, :, :end]
 
 
 class CausalSelfAttention(nn.Module):
@@ -103,27 +71,19 @@ class CausalSelfAttention(nn.Module):
         if rope is not None:
             q, k = apply_rope(q, *rope), apply_rope(k, *rope)
         dtype = q.dtype
-        if cache is not None:
+        if cache is not None:  # generation: see KVCache below
             k, v = cache.update(k, v, pos)  # (B, nh, S, hs): the S = pos + T positions so far
             q = q.to(k.dtype)  # attention in the cache's dtype
         dropout = self.dropout if self.training else 0.0
         S = k.size(2)
-        # in q, k and v's dtype: autocast would cast a float32 cache (see generate_stream) back down
-        with torch.autocast(x.device.type, enabled=False):
+        with torch.autocast(x.device.type, enabled=False):  # in q's dtype: autocast would cast a float32 cache down
             if S == T:    # the whole sequence at once: the usual causal mask
                 y = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout, is_causal=True)
-            elif T == 1:  # one new token may look at everything cached before it
-                y = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout)
-            else:         # several new tokens after a cached prefix: causal, shifted by the prefix
-                mask = torch.ones(T, S, dtype=torch.bool, device=x.device).tril(diagonal=S - T)
+            else:         # T new tokens after a cached prefix: causal, shifted by the prefix
+                mask = None if T == 1 else torch.ones(T, S, dtype=torch.bool, device=x.device).tril(diagonal=S - T)
                 y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout)
         y = y.to(dtype).transpose(1, 2).contiguous().view(B, T, C)  # (B, nh, T, hs) -> (B, T, C)
         return self.resid_dropout(self.c_proj(y))
-
-
-def swiglu_hidden(n_embd):
-    """SwiGLU's width: 8/3 * n_embd keeps the parameter count of a 4x GELU MLP; rounded up to 64."""
-    return 64 * math.ceil(8 * n_embd / 3 / 64)
 
 
 class MLP(nn.Module):
@@ -146,6 +106,11 @@ class MLP(nn.Module):
         return self.dropout(self.c_proj(h))
 
 
+def swiglu_hidden(n_embd):
+    """SwiGLU's width: 8/3 * n_embd keeps the parameter count of a 4x GELU MLP; rounded up to 64."""
+    return 64 * math.ceil(8 * n_embd / 3 / 64)
+
+
 class Block(nn.Module):
     """Pre-norm transformer block: x + attn(ln(x)), then x + mlp(ln(x))."""
 
@@ -160,98 +125,6 @@ class Block(nn.Module):
         x = x + self.attn(self.ln_1(x), rope, cache, pos)
         return x + self.mlp(self.ln_2(x))
 
-
-# ----------------------------------------------------------------------------- loss
-
-def logit_chunks(h, weight):
-    """The logits h @ weight.T (h (N, C) and weight (V, C) in the matmuls' dtype) a chunk of rows at
-    a time, so that the (N, V) logits never exist whole: for 8 x 256 tokens and GPT-2's vocabulary
-    they are 412 MB in float32. Yields (the rows, a slice; their logits in float32 (n, V); the same
-    logits in the matmuls' dtype, the same tensor when that is float32). Some 16M logits a chunk
-    (64 MB in float32), the rows a multiple of 64, which BLAS tiles evenly. The logits are views of
-    buffers that the next chunk overwrites (fresh tensors each chunk would cost more in page faults
-    than the softmax): use them, or overwrite them, before the next one."""
-    n = max(64, 2 ** 24 // weight.size(0) // 64 * 64)  # rows a chunk
-    buffer = torch.empty(min(n, h.size(0)), weight.size(0), dtype=torch.float32, device=h.device)
-    buffer_low = buffer if h.dtype == torch.float32 else torch.empty_like(buffer, dtype=h.dtype)
-    for start in range(0, h.size(0), n):
-        rows = slice(start, min(start + n, h.size(0)))
-        logits, logits_low = buffer[:rows.stop - start], buffer_low[:rows.stop - start]
-        torch.mm(h[rows], weight.t(), out=logits_low)
-        if logits_low is not logits:
-            logits.copy_(logits_low)
-        yield rows, logits, logits_low
-
-
-def exp_shifted_(logits):
-    """Each row of float32 logits (n, V) becomes exp(logit - the row's largest), in place; returns
-    (the largest, the sum of the exps), (n, 1) each: the row's log-sum-exp is largest + log(sum)
-    and its softmax exp / sum, with no overflow."""
-    largest = logits.amax(dim=-1, keepdim=True)
-    return largest, logits.sub_(largest).exp_().sum(dim=-1, keepdim=True)
-
-
-class LinearCrossEntropy(torch.autograd.Function):
-    """The mean cross-entropy of the logits h @ weight.T against targets (-100: not scored), a chunk
-    at a time from logit_chunks, because a log-softmax over all the logits, its backward pass and a
-    zero-filled gradient would each sweep 412 MB at 8 x 256 tokens. While a chunk's logits are at
-    hand, the forward pass also computes the gradients of h and weight; the backward pass only
-    scales them. In bfloat16 that takes two more buffers of the weight's shape (bfloat16 and
-    float32: 231 MB for GPT-2) beside its float32 gradient."""
-
-    @staticmethod
-    def forward(ctx, h, weight, targets):
-        # h (N, C), weight (V, C), targets (N,); the matmuls in autocast's dtype, the softmax in float32
-        device = h.device.type
-        dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else h.dtype
-        hc, wc = h.to(dtype), weight.to(dtype)
-        scored = targets != -100
-        classes = targets.clamp(min=0)[:, None]  # any class for the rows not scored: they weigh 0
-        weights = (scored / scored.sum())[:, None]  # each scored row's share of the mean, (N, 1)
-        need_h, need_w = ctx.needs_input_grad[:2]
-        grad_h = torch.empty_like(hc) if need_h else None
-        grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=h.device) if need_w else None
-        product = product32 = None  # a chunk's product in the matmuls' dtype, and a float32 copy of it:
-        if need_w and dtype != torch.float32:  # adding the copy to grad_w is faster than adding the product
-            product, product32 = torch.empty_like(wc), torch.empty_like(grad_w)
-        loss = torch.zeros((), dtype=torch.float32, device=h.device)
-        for rows, logits, logits_low in logit_chunks(hc, wc):
-            target = logits.gather(1, classes[rows])  # (n, 1)
-            largest, total = exp_shifted_(logits)
-            loss += ((largest + total.log() - target) * weights[rows]).sum()  # log-sum-exp minus the target's logit
-            if need_h or need_w:  # d loss / d logits = (softmax - one_hot) * the row's weight:
-                # (exp - total at the target) / total, the exps being those exp_shifted_ left
-                grad = logits.scatter_add_(1, classes[rows], -total).mul_(weights[rows] / total)
-                if logits_low is not logits:
-                    grad = logits_low.copy_(grad)
-                if need_h:
-                    torch.mm(grad, wc, out=grad_h[rows])
-                if need_w:  # summed in float32, in place where the product is float32 too
-                    if dtype == torch.float32:
-                        grad_w.addmm_(grad.t(), hc[rows])
-                    else:
-                        grad_w += product32.copy_(torch.mm(grad.t(), hc[rows], out=product))
-        ctx.dtypes = h.dtype, weight.dtype
-        ctx.save_for_backward(grad_h, grad_w)
-        return loss
-
-    @staticmethod
-    def backward(ctx, grad_loss):
-        grad_h, grad_w = ctx.saved_tensors
-        return (None if grad_h is None else (grad_h * grad_loss).to(ctx.dtypes[0]),
-                None if grad_w is None else (grad_w * grad_loss).to(ctx.dtypes[1]), None)
-
-
-def linear_cross_entropy(h, weight, targets):
-    """LinearCrossEntropy of h (N, C), weight (V, C) and targets (N,), with no gradient computed
-    under torch.no_grad: inside a Function only requires_grad says which gradients are wanted, and
-    a parameter requires grad in evaluation too, where its gradient would cost a third more work."""
-    if not torch.is_grad_enabled():
-        h, weight = h.detach(), weight.detach()
-    return LinearCrossEntropy.apply(h, weight, targets)
-
-
-# ----------------------------------------------------------------------------- model
 
 class GPT(nn.Module):
     def __init__(self, config):
@@ -279,28 +152,21 @@ class GPT(nn.Module):
             if name.endswith("c_proj.weight"):
                 nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * config.n_layer))
 
-    def _init_weights(self, module):
-        if isinstance(module, (nn.Linear, nn.Embedding)):
-            nn.init.normal_(module.weight, mean=0.0, std=0.02)
-        if isinstance(module, nn.Linear) and module.bias is not None:
-            nn.init.zeros_(module.bias)
-
-    def num_params(self, non_embedding=True):
-        """Parameters counted once (the tied matrix too); without the position table by default.
-        A layer that keeps its weight in another form than a parameter (4-bit buffers, in the nf4
-        section) counts it too: it says how many numbers it stands for with weight_numel()."""
-        n = sum(p.numel() for p in self.parameters())
-        n += sum(m.weight_numel() for m in self.modules() if hasattr(m, "weight_numel"))
-        if non_embedding and self.config.pos_emb == "learned":
-            n -= self.transformer.wpe.weight.numel()
-        return n
+    def forward(self, idx, targets=None):
+        """(logits (B, T, vocab_size), the mean cross-entropy over the targets != -100, or None)."""
+        logits = self.lm_head(self.hidden_states(idx))  # (B, T, vocab_size)
+        loss = None
+        if targets is not None:
+            loss = F.cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-100)
+        return logits, loss
 
     def hidden_states(self, idx, caches=None, pos=0):
-        """The final normalized hidden state of every position, (B, T, n_embd)."""
+        """The final normalized hidden state of every position, (B, T, n_embd). caches and pos: see
+        generate_stream."""
         T = idx.size(1)
         if pos + T > self.config.block_size:
             raise ValueError(f"sequence of {pos + T} tokens is longer than block_size={self.config.block_size}")
-        x = self.transformer.wte(idx)
+        x = self.transformer.wte(idx)  # (B, T, n_embd)
         rope = None
         if self.config.pos_emb == "learned":
             x = x + self.transformer.wpe(torch.arange(pos, pos + T, device=idx.device))
@@ -316,50 +182,23 @@ class GPT(nn.Module):
                 x = block(x, rope, None if caches is None else caches[i], pos)
         return self.transformer.ln_f(x)
 
-    def forward(self, idx, targets=None):
-        """(logits for every position, None); with targets, (None, the mean cross-entropy over the
-        targets != -100), computed without holding every position's logits at once."""
-        h = self.hidden_states(idx)
-        if targets is None:
-            return self.lm_head(h), None
-        return None, linear_cross_entropy(h.view(-1, h.size(-1)), self.lm_head.weight, targets.reshape(-1))
+    def _init_weights(self, module):
+        if isinstance(module, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(module.weight, mean=0.0, std=0.02)
+        if isinstance(module, nn.Linear) and module.bias is not None:
+            nn.init.zeros_(module.bias)
 
-    # ------------------------------------------------------------------------- Hugging Face files
-
-    @classmethod
-    def from_pretrained(cls, name_or_dir, dropout=0.0):
-        """GPT-2's weights from the hub (gpt2, gpt2-medium, gpt2-large, gpt2-xl) or from a local
-        directory in its layout; dropout for fine-tuning, as GPT-2's files come without. The files
-        are read in the GPT-2 weights section, below."""
-        return load_pretrained(cls, name_or_dir, dropout)
-
-    def save_pretrained(self, directory):
-        """config.json + model.safetensors, in the layout transformers' GPT2LMHeadModel reads."""
-        write_pretrained(self, directory)
+    def num_params(self, non_embedding=True):
+        """Parameters counted once (the tied matrix too); without the position table by default.
+        A layer that keeps its weight in another form than a parameter (Part III's 4-bit buffers)
+        says how many numbers it stands for with weight_numel()."""
+        n = sum(p.numel() for p in self.parameters())
+        n += sum(m.weight_numel() for m in self.modules() if hasattr(m, "weight_numel"))
+        if non_embedding and self.config.pos_emb == "learned":
+            n -= self.transformer.wpe.weight.numel()
+        return n
 
     # ------------------------------------------------------------------------- generation
-
-    def cast_for_inference(self, dtype):
-        """Store every parameter but the norms' in dtype (torch.bfloat16 or torch.float16), in place,
-        to run under autocast to that dtype. Decoding a token reads every weight once, so half the
-        bytes is close to twice the speed; autocast over float32 weights would instead read each
-        float32 weight and write a copy in every forward pass. The norms (few numbers, and sensitive
-        ones) and the buffers (rope tables, NF4's codes and scales) stay as they are."""
-        for module in self.modules():
-            if not isinstance(module, nn.LayerNorm):
-                for p in module.parameters(recurse=False):
-                    p.data = p.data.to(dtype)  # .data keeps the tied wte / lm_head one parameter
-        return self
-
-    def context_start(self, length):
-        """Where the context for the next token starts: once a sequence outgrows the block, the oldest
-        tokens go and the last half block is kept; the start then stays put while the context fills
-        the block again, so the refilled cache serves the steps that follow."""
-        block, keep = self.config.block_size, self.config.block_size // 2
-        if length <= block:
-            return 0
-        step = block + 1 - keep  # how far the window jumps each time it overflows
-        return step * ((length - keep) // step)
 
     @torch.no_grad()
     def generate_stream(self, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None, eos_id=None,
@@ -368,14 +207,7 @@ class GPT(nn.Module):
         have produced eos_id (a finished row then repeats eos_id). With use_cache the prompt runs
         once and each step feeds one token; without, every step recomputes the whole context, and
         both give the same tokens."""
-        if max_new_tokens <= 0:
-            raise ValueError(f"max_new_tokens must be positive, got {max_new_tokens}")
-        if temperature < 0:
-            raise ValueError(f"temperature must be >= 0, got {temperature}")
-        if top_p is not None and not 0 < top_p <= 1:
-            raise ValueError(f"top_p must be in (0, 1], got {top_p}")
-        if top_k is not None and top_k <= 0:
-            raise ValueError(f"top_k must be positive, got {top_k}")
+        check_sampling(max_new_tokens, temperature, top_k, top_p)
         seq = idx
         finished = torch.zeros(idx.size(0), dtype=torch.bool, device=idx.device)
         start, caches = None, None
@@ -393,8 +225,8 @@ class GPT(nn.Module):
                 h = self.hidden_states(seq[:, start:], caches)
             else:
                 h = self.hidden_states(seq[:, -1:], caches, pos=seq.size(1) - 1 - start)
-            logits = self.lm_head(h[:, -1, :]).float()
-            token = sample_next(logits, temperature, top_k, top_p)
+            logits = self.lm_head(h[:, -1, :]).float()  # (B, vocab_size): the last position's only
+            token = sample_next(logits, temperature, top_k, top_p)  # (B, 1)
             if eos_id is not None:
                 token = torch.where(finished[:, None], torch.full_like(token, eos_id), token)
                 finished |= token[:, 0] == eos_id
@@ -408,6 +240,33 @@ class GPT(nn.Module):
         """The prompt idx (B, T) followed by the generated tokens; see generate_stream."""
         tokens = self.generate_stream(idx, max_new_tokens, temperature, top_k, top_p, eos_id, use_cache)
         return torch.cat([idx, *tokens], dim=1)
+
+    def context_start(self, length):
+        """Where the context for the next token starts: once a sequence outgrows the block, the oldest
+        tokens go and the last half block is kept; the start then stays put while the context fills
+        the block again, so the refilled cache serves the steps that follow."""
+        block, keep = self.config.block_size, self.config.block_size // 2
+        if length <= block:
+            return 0
+        step = block + 1 - keep  # how far the window jumps each time it overflows
+        return step * ((length - keep) // step)
+
+
+class KVCache:
+    """Keys and values one attention layer has seen, in buffers allocated once per generation and
+    written in place: each new token computes its own key and value only. dtype: the buffers'
+    (None: the keys' own)."""
+
+    def __init__(self, capacity, dtype=None):
+        self.capacity, self.dtype, self.k, self.v = capacity, dtype, None, None
+
+    def update(self, k, v, pos):
+        if self.k is None:
+            shape = (k.size(0), k.size(1), self.capacity, k.size(3))  # (B, nh, capacity, hs)
+            self.k, self.v = (t.new_empty(shape, dtype=self.dtype or t.dtype) for t in (k, v))
+        end = pos + k.size(2)
+        self.k[:, :, pos:end], self.v[:, :, pos:end] = k, v
+        return self.k[:, :, :end], self.v[:, :, :end]
 
 
 def sample_next(logits, temperature=1.0, top_k=None, top_p=None):
@@ -429,288 +288,25 @@ def sample_next(logits, temperature=1.0, top_k=None, top_p=None):
     return torch.multinomial(logits.softmax(dim=-1), num_samples=1)
 
 
-# ----------------------------------------------------------------------------- downloads
-
-@contextmanager
-def atomic_write(path):
-    """`with atomic_write(p) as f: f.write(...)` writes p + '.tmp', fsyncs it and renames it over p:
-    whenever the process stops, even by kill -9 or a power cut, p is the old file or the whole new
-    one. An error leaves nothing behind."""
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    try:
-        with open(tmp, "wb") as f:
-            yield f
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+def check_sampling(max_new_tokens, temperature, top_k, top_p):
+    if max_new_tokens <= 0:
+        raise ValueError(f"max_new_tokens must be positive, got {max_new_tokens}")
+    if temperature < 0:
+        raise ValueError(f"temperature must be >= 0, got {temperature}")
+    if top_p is not None and not 0 < top_p <= 1:
+        raise ValueError(f"top_p must be in (0, 1], got {top_p}")
+    if top_k is not None and top_k <= 0:
+        raise ValueError(f"top_k must be positive, got {top_k}")
 
 
-class DownloadError(RuntimeError):
-    pass
+# ============================================================================= Part II: GPT-2's weights
+#
+# Hugging Face keeps GPT-2 as config.json and model.safetensors. Loading them is three translations:
+# the config's names to GPTConfig's, the tensors' names to our state_dict's, and four matrices
+# transposed. The safetensors bytes are read and written in lib/weightfiles.py, imported here and
+# not at the top, so that Part I stands alone.
 
-
-class _RetryableStatus(Exception):
-    pass
-
-
-def cache_dir():
-    """Where downloads are kept: $GPT2REF_CACHE, else $XDG_CACHE_HOME/gpt2ref, else
-    ~/.cache/gpt2ref (read at call time)."""
-    return Path(os.environ.get("GPT2REF_CACHE") or
-                Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "gpt2ref")
-
-
-def hub_file(repo, filename, repo_type="model"):
-    """Path of a file from a Hugging Face hub repo, downloaded once into the cache."""
-    endpoint = os.environ.get("HF_ENDPOINT", "https://huggingface.co").rstrip("/")
-    prefix = "datasets/" if repo_type == "dataset" else ""
-    url = f"{endpoint}/{prefix}{repo}/resolve/main/{filename}"
-    return download(url, cache_dir() / f"{repo_type}s" / repo / filename)
-
-
-def web_path(url):
-    """Where the cache keeps the file at an http(s) URL: under its host and path (another URL is
-    another file)."""
-    parts = urlsplit(url)
-    return cache_dir() / "web" / parts.netloc.replace(":", "_") / parts.path.lstrip("/")
-
-
-def web_file(url):
-    """Path of the file at an http(s) URL, downloaded once into the cache."""
-    return download(url, web_path(url))
-
-
-_TRANSIENT = (requests.ConnectionError, requests.Timeout, requests.exceptions.ChunkedEncodingError)
-
-
-def download(url, path, sha256=None, size=None, retries=5):
-    """Fetch url to path, unless path exists. Streams into path + '.part', resumes it with a Range
-    request after a failure, retries with backoff, checks size and sha256 (given, or announced by
-    the hub as X-Linked-Size / X-Linked-Etag), and only then renames: a file at path is complete."""
-    path = Path(path)
-    if path.exists():
-        return path
-    if os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on"):
-        raise DownloadError(f"{path} is not cached and HF_HUB_OFFLINE forbids downloading {url}")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    part = path.with_name(path.name + ".part")
-    for attempt in range(retries):
-        try:
-            sha256, size = _fetch(url, part, sha256, size)
-            break
-        except (*_TRANSIENT, _RetryableStatus) as e:
-            if attempt == retries - 1:
-                raise DownloadError(f"downloading {url} failed after {retries} tries: {e}") from None
-            time.sleep(0.5 * 2 ** attempt)
-    got_size, got_sha = part.stat().st_size, file_sha256(part)
-    if (size is not None and got_size != size) or (sha256 is not None and got_sha != sha256):
-        part.unlink()
-        raise DownloadError(f"{url}: got {got_size} bytes with sha256 {got_sha}, "
-                            f"expected {size} bytes with sha256 {sha256}; nothing was kept")
-    os.replace(part, path)
-    return path
-
-
-def _fetch(url, part, sha256, size):
-    """One attempt: append to part from where it stops. Returns the expected (sha256, size)."""
-    have = part.stat().st_size if part.exists() else 0
-    headers = {"Range": f"bytes={have}-"} if have else {}
-    with requests.get(url, headers=headers, stream=True, timeout=(10, 60)) as r:
-        for hop in (*r.history, r):  # the hub's 302 to its CDN names the LFS file's sha256 and size
-            sha256 = sha256 or hop.headers.get("X-Linked-Etag", "").removeprefix("W/").strip('"') or None
-            if size is None and hop.headers.get("X-Linked-Size"):
-                size = int(hop.headers["X-Linked-Size"])
-        if r.status_code == 416 and have:  # the partial file is already whole (or bad): start over
-            part.unlink()
-            raise _RetryableStatus("416 Range Not Satisfiable")
-        if r.status_code in (429, 500, 502, 503, 504):
-            raise _RetryableStatus(f"{r.status_code} {r.reason}")
-        if r.status_code not in (200, 206):
-            raise DownloadError(f"{url}: {r.status_code} {r.reason}")
-        if r.status_code == 200:  # the server ignored our Range: start from zero
-            have = 0
-        elif not r.headers.get("Content-Range", "").startswith(f"bytes {have}-"):
-            part.unlink()  # a 206 for some other range than ours: nothing to append to safely
-            raise _RetryableStatus(f"206 with Content-Range {r.headers.get('Content-Range')!r}, asked for bytes {have}-")
-        total = size or (int(r.headers["Content-Length"]) + have if "Content-Length" in r.headers else None)
-        with open(part, "ab" if have else "wb") as f, tqdm(
-                total=total, initial=have, unit="B", unit_scale=True, desc=part.name[:-5], disable=None) as bar:
-            for chunk in r.iter_content(chunk_size=1 << 16):  # a cut loses at most this much
-                f.write(chunk)
-                bar.update(len(chunk))
-            f.flush()
-            os.fsync(f.fileno())
-    return sha256, size
-
-
-def file_sha256(path):
-    """The sha256 of a file, read 4 MB at a time (a 6 GB file needs no 6 GB of memory)."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 22):
-            h.update(chunk)
-    return h.hexdigest()
-
-
-# ----------------------------------------------------------------------------- tokenizer
-
-def get_tokenizer(name="gpt2"):
-    """A tiktoken encoding: gpt2 (GPT-2's BPE, 50257 ids) or e.g. cl100k_base (100k ids). tiktoken
-    fetches its BPE file on first use; an unknown name is a ValueError, a failed fetch a DownloadError."""
-    try:
-        return tiktoken.get_encoding(name)
-    except ValueError:
-        raise ValueError(f"unknown tokenizer {name!r}: choose one of {', '.join(tiktoken.list_encoding_names())}") from None
-    except OSError as e:  # requests' errors are OSErrors too
-        raise DownloadError(f"tiktoken could not fetch the {name} BPE file ({type(e).__name__}); without a network, "
-                            "set TIKTOKEN_CACHE_DIR to a folder that holds it") from None
-
-
-# ----------------------------------------------------------------------------- safetensors
-
-# The format: 8 bytes little-endian header length n, n bytes of JSON {name: {dtype, shape,
-# data_offsets: [begin, end]}, "__metadata__": {str: str}}, then the raw little-endian tensor bytes,
-# offsets counted from the end of the header. Nothing in it is executable, unlike a pickle.
-SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-                      "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
-                      "U8": torch.uint8, "BOOL": torch.bool}
-MAX_HEADER = 100_000_000  # the reference implementation's limit; larger means a corrupt file
-_reprs = reprlib.Repr()  # for error messages: a corrupt header can hold a 100 MB name or list
-_reprs.maxstring = _reprs.maxother = 100
-_short = _reprs.repr
-
-
-def read_json(raw, bad):
-    """Parse bytes as a JSON object, or raise bad(why): strictly UTF-8, no key given twice (json.loads
-    would keep the last one silently), and no nesting so deep that the parser runs out of stack."""
-    def no_duplicates(pairs):
-        obj = {}
-        for key, value in pairs:
-            if key in obj:
-                raise ValueError(f"key {_short(key)} given twice")
-            obj[key] = value
-        return obj
-
-    try:
-        value = json.loads(raw.decode("utf-8"), object_pairs_hook=no_duplicates)
-    except ValueError as e:  # UnicodeDecodeError and JSONDecodeError are ValueErrors
-        raise bad(f"not JSON ({e})") from None
-    except RecursionError:
-        raise bad("JSON nested too deeply") from None
-    if not isinstance(value, dict):
-        raise bad("not a JSON object")
-    return value
-
-
-def _is_size(x):
-    """A JSON integer >= 0. bool is an int in Python, but true is no size."""
-    return type(x) is int and x >= 0
-
-
-def _numel(shape):
-    """Elements in a tensor of this shape, or None when torch cannot hold it: its sizes and strides
-    are int64, and the strides multiply the dimensions with zeros counted as ones."""
-    n = 1
-    for d in shape:
-        n *= max(d, 1)
-        if n >= 2**63:  # stop here: a long list of huge dimensions would multiply out to a giant int
-            return None
-    return 0 if 0 in shape else n
-
-
-def read_safetensors_header(path):
-    """Parse and validate the header before any tensor is allocated. Returns (entries, data_start)
-    with entries sorted by offset; raises ValueError naming the file and the fault."""
-    size = os.path.getsize(path)
-
-    def bad(why):
-        return ValueError(f"{path}: not a valid safetensors file: {why}")
-
-    with open(path, "rb") as f:
-        if size < 8:
-            raise bad(f"only {size} bytes")
-        (n,) = struct.unpack("<Q", f.read(8))
-        if n > MAX_HEADER:
-            raise bad(f"header length {n} is over the {MAX_HEADER} byte limit")
-        if 8 + n > size:
-            raise bad(f"header length {n} runs past the end of the {size}-byte file")
-        header = read_json(f.read(n), lambda why: bad(f"header is {why}"))
-    metadata = header.pop("__metadata__", {})
-    if not (isinstance(metadata, dict) and all(isinstance(v, str) for v in metadata.values())):
-        raise bad(f"__metadata__ {_short(metadata)} is not an object of strings")
-    entries = [_header_entry(name, info, bad) for name, info in header.items()]
-    entries.sort()
-    end = 0
-    for begin, stop, name, _, _ in entries:  # the tensors must tile the data: no gap, no overlap
-        if begin != end:
-            raise bad(f"tensor {_short(name)} starts at {begin}, expected {end} (overlap or gap)")
-        end = stop
-    if 8 + n + end != size:
-        raise bad(f"8 + header {n} + data {end} bytes != file size {size} (truncated or trailing bytes)")
-    return entries, 8 + n
-
-
-def _header_entry(name, info, bad):
-    """(begin, end, name, dtype, shape) for one tensor's header entry, once every field is checked."""
-    if not isinstance(info, dict):
-        raise bad(f"tensor {_short(name)} is {_short(info)}, not an object")
-    dtype, shape, offsets = info.get("dtype"), info.get("shape"), info.get("data_offsets")
-    if not isinstance(dtype, str) or dtype not in SAFETENSORS_DTYPES:
-        raise bad(f"tensor {_short(name)} has unknown dtype {_short(dtype)}")
-    numel = _numel(shape) if isinstance(shape, list) and all(_is_size(d) for d in shape) else None
-    if numel is None:
-        raise bad(f"tensor {_short(name)} has shape {_short(shape)}")
-    if not (isinstance(offsets, list) and len(offsets) == 2 and all(_is_size(o) for o in offsets)
-            and offsets[0] <= offsets[1]):
-        raise bad(f"tensor {_short(name)} has data_offsets {_short(offsets)}")
-    nbytes = numel * SAFETENSORS_DTYPES[dtype].itemsize
-    if offsets[1] - offsets[0] != nbytes:
-        raise bad(f"tensor {_short(name)} of shape {_short(shape)} {dtype} needs {nbytes} bytes, "
-                  f"its offsets {offsets} hold {offsets[1] - offsets[0]}")
-    return offsets[0], offsets[1], name, SAFETENSORS_DTYPES[dtype], shape
-
-
-def iter_safetensors(path):
-    """Yield (name, tensor) one at a time, so a 6 GB file never needs 6 GB of extra memory."""
-    entries, data_start = read_safetensors_header(path)
-    with open(path, "rb") as f:
-        for begin, end, name, dtype, shape in entries:
-            raw = torch.empty(end - begin, dtype=torch.uint8)  # fresh, aligned memory
-            f.seek(data_start + begin)
-            if f.readinto(raw.numpy()) != end - begin:
-                raise ValueError(f"{path}: file ended inside tensor {_short(name)}")
-            yield name, raw.view(dtype).reshape(shape)
-
-
-def read_safetensors(path):
-    return dict(iter_safetensors(path))
-
-
-def write_safetensors(path, tensors, metadata=None):
-    """Write {name: tensor} (contiguous, on CPU) as safetensors, atomically."""
-    names = {v: k for k, v in SAFETENSORS_DTYPES.items()}
-    header, offset = {}, 0
-    if metadata:
-        header["__metadata__"] = {str(k): str(v) for k, v in metadata.items()}
-    for name, t in tensors.items():
-        if t.dtype not in names:
-            raise ValueError(f"{name}: dtype {t.dtype} cannot be stored in safetensors here")
-        header[name] = {"dtype": names[t.dtype], "shape": list(t.shape),
-                        "data_offsets": [offset, offset + t.numel() * t.element_size()]}
-        offset += t.numel() * t.element_size()
-    blob = json.dumps(header, separators=(",", ":")).encode()
-    blob += b" " * (-len(blob) % 8)  # pad with spaces so the data starts 8-byte aligned
-    with atomic_write(path) as f:
-        f.write(struct.pack("<Q", len(blob)))
-        f.write(blob)
-        for t in tensors.values():
-            f.write(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
-
-
-# ----------------------------------------------------------------------------- GPT-2 weights
+from lib import weightfiles  # noqa: E402
 
 PRETRAINED = {"gpt2": "124M", "gpt2-medium": "350M", "gpt2-large": "774M", "gpt2-xl": "1558M"}
 # OpenAI wrote these four as Conv1D layers, whose weight is (in, out): the transpose of nn.Linear's
@@ -723,8 +319,8 @@ def _hf_config_to_ours(hf, source):
     if missing:
         raise ValueError(f"{source}: not a GPT-2 config.json, it lacks {', '.join(missing)}")
     for key in HF_SIZES:
-        if not (_is_size(hf[key]) and hf[key] > 0):
-            raise ValueError(f"{source}: {key}={_short(hf[key])} is not a positive integer")
+        if not (weightfiles.is_size(hf[key]) and hf[key] > 0):
+            raise ValueError(f"{source}: {key}={weightfiles.short(hf[key])} is not a positive integer")
     unsupported = {
         "activation_function": (hf.get("activation_function", "gelu_new"), ("gelu_new", "gelu_pytorch_tanh")),
         "n_inner": (hf.get("n_inner"), (None, 4 * hf["n_embd"])),
@@ -736,7 +332,7 @@ def _hf_config_to_ours(hf, source):
     }
     for key, (value, allowed) in unsupported.items():
         if value not in allowed:
-            raise ValueError(f"{source}: {key}={_short(value)} is not GPT-2 as this file implements it")
+            raise ValueError(f"{source}: {key}={weightfiles.short(value)} is not GPT-2 as this file implements it")
     try:
         return GPTConfig(block_size=hf["n_positions"], vocab_size=hf["vocab_size"], n_layer=hf["n_layer"],
                          n_head=hf["n_head"], n_embd=hf["n_embd"], dropout=0.0, bias=True)
@@ -774,18 +370,18 @@ def _expected_shapes(cls, config, entries, path):
 def _check_weights(cls, config, path):
     """The file must hold exactly the tensors the config implies, each once and of its shape: all
     checked on the header, before the model is allocated (a corrupt config could ask for terabytes)."""
-    entries, _ = read_safetensors_header(path)
+    entries, _ = weightfiles.read_safetensors_header(path)
     expected, seen = _expected_shapes(cls, config, entries, path), set()
     for _, _, name, _, shape in entries:
         key = _our_key(name)
         if key is None:
             continue
         if key not in expected:
-            raise ValueError(f"{path}: unexpected tensor {_short(name)}")
+            raise ValueError(f"{path}: unexpected tensor {weightfiles.short(name)}")
         if key in seen:
-            raise ValueError(f"{path}: tensor {_short(name)} given twice (with and without 'transformer.')")
+            raise ValueError(f"{path}: tensor {weightfiles.short(name)} given twice (with and without 'transformer.')")
         if shape != expected[key]:
-            raise ValueError(f"{path}: {_short(name)} has shape {_short(shape)}, config.json implies {expected[key]}")
+            raise ValueError(f"{path}: {weightfiles.short(name)} has shape {weightfiles.short(shape)}, config.json implies {expected[key]}")
         seen.add(key)
     missing = sorted(set(expected) - seen)
     if missing:
@@ -804,31 +400,29 @@ def _resolve_pretrained(name_or_dir):
     if name_or_dir not in PRETRAINED:
         raise ValueError(f"unknown model {name_or_dir!r}: expected one of {', '.join(PRETRAINED)} "
                          "or a directory holding config.json and model.safetensors")
-    repo = f"openai-community/{name_or_dir}"
-    try:
-        return hub_file(repo, "config.json"), hub_file(repo, "model.safetensors")
-    except DownloadError as e:
-        raise DownloadError(f"{e}. Without the hub: HF_ENDPOINT=<a mirror of it>, or a local directory holding "
-                            "config.json and model.safetensors in place of the name") from None
+    return weightfiles.from_hub(f"openai-community/{name_or_dir}", ("config.json", "model.safetensors"))
 
 
 def load_pretrained(cls, name_or_dir, dropout=0.0):
-    """GPT.from_pretrained: the files found, checked against each other, then copied in."""
+    """GPT.from_pretrained(name_or_dir): GPT-2's weights from the hub (gpt2, gpt2-medium, gpt2-large,
+    gpt2-xl) or from a local directory in its layout, the files checked against each other, then
+    copied in. dropout: for fine-tuning, as GPT-2's files come without."""
     config_path, weights_path = _resolve_pretrained(str(name_or_dir))
-    hf = read_json(Path(config_path).read_bytes(), lambda why: ValueError(f"{config_path}: {why}"))
+    hf = weightfiles.read_json_file(config_path)
     config = replace(_hf_config_to_ours(hf, config_path), dropout=dropout)
     _check_weights(cls, config, weights_path)
     model = cls(config)
     ours = model.state_dict()
     with torch.no_grad():
-        for name, tensor in iter_safetensors(weights_path):
+        for name, tensor in weightfiles.iter_safetensors(weights_path):
             if (key := _our_key(name)) is not None:
                 ours[key].copy_(tensor.t() if key.endswith(CONV1D) else tensor)
     return model
 
 
 def write_pretrained(model, directory):
-    """model.save_pretrained: config.json, and model.safetensors with Conv1D's layout restored."""
+    """model.save_pretrained(directory): config.json, and model.safetensors with Conv1D's layout
+    restored, as transformers' GPT2LMHeadModel reads them."""
     c = model.config
     if c.pos_emb != "learned" or c.mlp != "gelu" or not c.bias:
         raise ValueError("only the GPT-2 variant (pos_emb='learned', mlp='gelu', bias=True) can be "
@@ -845,7 +439,7 @@ def write_pretrained(model, directory):
         if key == "lm_head.weight":
             continue  # tied: transformers restores it from wte
         tensors[key] = t.t().contiguous() if key.endswith(CONV1D) else t
-    write_safetensors(directory / "model.safetensors", tensors, metadata={"format": "pt"})
+    weightfiles.write_safetensors(directory / "model.safetensors", tensors, metadata={"format": "pt"})
     hf = {"architectures": ["GPT2LMHeadModel"], "model_type": "gpt2", "vocab_size": c.vocab_size,
           "n_positions": c.block_size, "n_embd": c.n_embd, "n_layer": c.n_layer, "n_head": c.n_head,
           "n_inner": None, "activation_function": "gelu_new", "layer_norm_epsilon": 1e-5,
@@ -853,9 +447,16 @@ def write_pretrained(model, directory):
           "initializer_range": 0.02, "tie_word_embeddings": True, "use_cache": True}
     if c.vocab_size > 50256:  # GPT-2's <|endoftext|>
         hf["bos_token_id"] = hf["eos_token_id"] = 50256
-    with atomic_write(directory / "config.json") as f:
-        f.write((json.dumps(hf, indent=2) + "\n").encode())
+    weightfiles.write_json(directory / "config.json", hf)
 
+
+# nanoGPT's spelling, GPT.from_pretrained("gpt2") and model.save_pretrained(directory), given to the
+# class here rather than inside it, so that Part I needs nothing from this part
+GPT.from_pretrained = classmethod(load_pretrained)
+GPT.save_pretrained = write_pretrained
+
+
+# ============================================================================= Part III: LoRA and 4-bit weights (QLoRA)
 
 # ----------------------------------------------------------------------------- nf4
 
@@ -1127,9 +728,8 @@ def save_adapter(model, directory, base_model, state=None):
     directory.mkdir(parents=True, exist_ok=True)
     state = model.state_dict() if state is None else state
     tensors = {name: p for name, p in state.items() if name.endswith(LORA_SUFFIXES)}
-    write_safetensors(directory / "adapter.safetensors", tensors, metadata={"format": "pt"})
-    with atomic_write(directory / "adapter.json") as f:
-        f.write((json.dumps({"base_model": str(base_model), **adapter_config(model)}, indent=2) + "\n").encode())
+    weightfiles.write_safetensors(directory / "adapter.safetensors", tensors, metadata={"format": "pt"})
+    weightfiles.write_json(directory / "adapter.json", {"base_model": str(base_model), **adapter_config(model)})
 
 
 ADAPTER_FIELDS = {"base_model": str, "rank": int, "alpha": (int, float), "dropout": (int, float), "targets": list,
@@ -1139,7 +739,7 @@ ADAPTER_FIELDS = {"base_model": str, "rank": int, "alpha": (int, float), "dropou
 def read_adapter_config(directory):
     """adapter.json, checked: every field save_adapter writes, of the right type."""
     path = Path(directory) / "adapter.json"
-    config = read_json(path.read_bytes(), lambda why: ValueError(f"{path}: {why}"))
+    config = weightfiles.read_json_file(path)
     wrong = [k for k, kind in ADAPTER_FIELDS.items() if not isinstance(config.get(k), kind)]
     if wrong:
         raise ValueError(f"{path} lacks or mistypes {', '.join(wrong)}: is it save_adapter's?")
@@ -1156,7 +756,7 @@ def load_adapter(model, directory):
     apply_lora(model, config["rank"], config["alpha"], config["dropout"], config["targets"])
     path = directory / "adapter.safetensors"
     ours = {name: p for name, p in model.named_parameters() if name.endswith(LORA_SUFFIXES)}
-    tensors = read_safetensors(path)
+    tensors = weightfiles.read_safetensors(path)
     if set(tensors) != set(ours):
         raise ValueError(f"{path}: its tensors do not match adapter.json's layers "
                          f"(missing {sorted(set(ours) - set(tensors))[:3]}, extra {sorted(set(tensors) - set(ours))[:3]})")

@@ -39,9 +39,7 @@ from urllib.parse import urlsplit
 import numpy as np
 from tqdm import tqdm
 
-import gpt
-from cli import configure, fail, run, writable_dir
-from data import read_tokens, require_pyarrow, shard_writer, token_dtype, wikitext_rows
+from lib import cli, datasets, downloads, files
 
 # ----------------------------------------------------------------------------- reading text
 
@@ -61,13 +59,13 @@ def read_text(path, start, stop, errors, bar):
         while pos < stop:
             data = f.read(min(BLOCK_BYTES, stop - pos))
             if not data:
-                fail(f"{path} shrank while being read")
+                cli.fail(f"{path} shrank while being read")
             pending = len(decoder.getstate()[0])  # bytes of a character cut by the previous block
             try:
                 text = decoder.decode(data, final=pos + len(data) == stop)
             except UnicodeDecodeError as e:
                 where = pos - pending + e.start
-                fail(f"{path}: invalid UTF-8 at byte {where} (line {line_number(path, where)}); "
+                cli.fail(f"{path}: invalid UTF-8 at byte {where} (line {line_number(path, where)}); "
                      f"fix the file or pass --errors=replace")
             if pos == 0:
                 text = text.removeprefix("\ufeff")  # a byte order mark is not text
@@ -131,7 +129,7 @@ def stories(path, errors, bar):
             if story := story.strip():
                 yield story, True
         if len(rest) > LONG_DOC:
-            fail(f"{path}: no {EOT_TEXT} in {LONG_DOC:,} characters; is it a TinyStories file?")
+            cli.fail(f"{path}: no {EOT_TEXT} in {LONG_DOC:,} characters; is it a TinyStories file?")
     # what follows the last separator may be cut off mid-story: dropped
 
 
@@ -144,7 +142,7 @@ def articles(paths, bar):
     bar.reset(total=sum(path.stat().st_size for path in paths))
     for path in paths:
         size = path.stat().st_size
-        for rows, total in wikitext_rows(path):
+        for rows, total in datasets.wikitext_rows(path):
             for row in rows:
                 if WIKI_TITLE.fullmatch(row) and (article := "".join(lines).strip()):
                     yield article, True
@@ -175,7 +173,7 @@ def split_ranges(paths, val_fraction):
             ranges["val"].append((path, cut, size))
         offset += size
     if not ranges["train"] or not ranges["val"]:
-        fail(f"cannot split the text at {1 - val_fraction:.0%}: no line starts after that point; "
+        cli.fail(f"cannot split the text at {1 - val_fraction:.0%}: no line starts after that point; "
              f"change --val_fraction or add text")
     return ranges
 
@@ -216,7 +214,7 @@ def tokenize(path, read, enc, workers, desc):
     batches are in flight: memory does not grow with the input."""
     tokens = documents = 0
     pending, start = deque(), time.perf_counter()
-    with shard_writer(path, enc.n_vocab) as write, ThreadPoolExecutor(workers) as pool, \
+    with datasets.shard_writer(path, enc.n_vocab) as write, ThreadPoolExecutor(workers) as pool, \
             tqdm(desc=desc, unit="B", unit_scale=True, disable=None) as bar:
 
         def write_oldest():
@@ -234,7 +232,7 @@ def tokenize(path, read, enc, workers, desc):
         while pending:
             write_oldest()
         if tokens == 0:
-            fail(f"no text for {path.name}: the input holds no documents")
+            cli.fail(f"no text for {path.name}: the input holds no documents")
     return tokens, documents
 
 
@@ -276,28 +274,28 @@ def plain_text(sources, per_file, cfg):
 def text_files(cfg):
     """The files named by --input (comma-separated), a folder standing for the *.txt files in it."""
     if not cfg["input"]:
-        fail("text needs --input=FILE (several: --input=a.txt,b.txt; or a folder of .txt files)")
+        cli.fail("text needs --input=FILE (several: --input=a.txt,b.txt; or a folder of .txt files)")
     paths = []
     for name in cfg["input"].split(","):
         path = Path(name).expanduser()
         if path.is_dir():
             found = sorted(p for p in path.rglob("*.txt") if p.is_file())
             if not found:
-                fail(f"--input folder {path} holds no .txt files")
+                cli.fail(f"--input folder {path} holds no .txt files")
             paths += found
         elif path.is_file():
             paths.append(path)
         else:
-            fail(f"--input file {path} does not exist")
+            cli.fail(f"--input file {path} does not exist")
     sources = []
     for path in paths:
         try:
             with open(path, "rb"):  # readable at all?
                 stat = path.stat()
         except OSError as e:
-            fail(f"cannot read --input file {path}: {e.strerror}")
+            cli.fail(f"cannot read --input file {path}: {e.strerror}")
         if stat.st_size == 0:
-            fail(f"--input file {path} is empty")
+            cli.fail(f"--input file {path} is empty")
         sources.append({"path": str(path.resolve()), "bytes": stat.st_size, "mtime_ns": stat.st_mtime_ns})
     return sources
 
@@ -315,14 +313,14 @@ def fetch(source):
     """The local path of a source, downloaded into the cache first if need be (skipped when there)."""
     try:
         if "repo" in source:
-            return gpt.hub_file(source["repo"], source["file"], repo_type="dataset")
+            return downloads.hub_file(source["repo"], source["file"], repo_type="dataset")
         if "url" in source:
-            return gpt.web_file(source["url"])
-    except gpt.DownloadError as e:
+            return downloads.web_file(source["url"])
+    except downloads.DownloadError as e:
         instead = ("HF_ENDPOINT=<a mirror of the hub>" if "repo" in source else
                    "--url=<another copy>, or a local copy with `python prepare_data.py text --input=input.txt "
                    "--documents=files --out_dir=data/shakespeare`")
-        fail(f"{e}. Without it: {instead}; or any text of your own with `python prepare_data.py text --input=...`")
+        cli.fail(f"{e}. Without it: {instead}; or any text of your own with `python prepare_data.py text --input=...`")
     return Path(source["path"])
 
 
@@ -353,24 +351,24 @@ def check(cfg):
     """Every mistake in the options, before anything is downloaded or written."""
     name = cfg["dataset"]
     if name not in DATASETS:
-        fail(f"{'unknown dataset ' + repr(name) if name else 'no dataset given'}: choose from {', '.join(DATASETS)}")
-    for key, datasets in APPLIES_TO.items():
-        if cfg[key] != DEFAULTS[key] and name not in datasets:
-            fail(f"--{key} applies to {' and '.join(sorted(datasets))}, not {name}")
+        cli.fail(f"{'unknown dataset ' + repr(name) if name else 'no dataset given'}: choose from {', '.join(DATASETS)}")
+    for key, names in APPLIES_TO.items():
+        if cfg[key] != DEFAULTS[key] and name not in names:
+            cli.fail(f"--{key} applies to {' and '.join(sorted(names))}, not {name}")
     for key, choices in CHOICES.items():
         if cfg[key] not in choices:
-            fail(f"--{key}={cfg[key]!r} is not one of {', '.join(map(repr, choices))}")
+            cli.fail(f"--{key}={cfg[key]!r} is not one of {', '.join(map(repr, choices))}")
     if urlsplit(cfg["url"]).scheme not in ("http", "https"):
-        fail(f"--url={cfg['url']!r} is not an http(s) URL")
+        cli.fail(f"--url={cfg['url']!r} is not an http(s) URL")
     if name.startswith("wikitext"):
-        require_pyarrow()
+        datasets.require_pyarrow()
 
 
 def settings(cfg, enc):
     """What the shards depend on: a re-run with the same settings and sources skips the work."""
-    used = {key: cfg[key] for key, datasets in APPLIES_TO.items() if cfg["dataset"] in datasets and key != "input"}
+    used = {key: cfg[key] for key, names in APPLIES_TO.items() if cfg["dataset"] in names and key != "input"}
     return {"dataset": cfg["dataset"], "tokenizer": enc.name, "vocab_size": enc.n_vocab, "eot_token": enc.eot_token,
-            "dtype": token_dtype(enc.n_vocab).name, "options": used}
+            "dtype": datasets.token_dtype(enc.n_vocab).name, "options": used}
 
 
 def load_record(out_dir, current):
@@ -392,13 +390,13 @@ def finished(record, split, sources, out_dir):
     if [{k: v for k, v in s.items() if k != "sha256"} for s in entry.get("sources", [])] != sources:
         return False
     try:
-        return len(read_tokens(out_dir / entry["file"])) == entry["tokens"]
+        return len(datasets.read_tokens(out_dir / entry["file"])) == entry["tokens"]
     except (OSError, ValueError, KeyError):
         return False
 
 
 def write_json(path, obj):
-    with gpt.atomic_write(path) as f:
+    with files.atomic_write(path) as f:
         f.write((json.dumps(obj, indent=2) + "\n").encode())
 
 
@@ -408,16 +406,16 @@ def main(argv=None):
         argv[0] = f"--dataset={argv[0]}"  # the dataset may come first, bare
     more = [a for a in argv[1:] if a in DATASETS]
     if more:
-        fail(f"one dataset at a time: got {argv[0].partition('=')[2]} and {', '.join(more)}; "
+        cli.fail(f"one dataset at a time: got {argv[0].partition('=')[2]} and {', '.join(more)}; "
              f"run prepare_data.py once for each")
-    cfg = configure(DEFAULTS, argv, doc=__doc__, source=__file__)
+    cfg = cli.configure(DEFAULTS, argv, doc=__doc__, source=__file__)
     check(cfg)
     try:
-        enc = gpt.get_tokenizer(cfg["tokenizer"])
-    except (ValueError, gpt.DownloadError) as e:
-        fail(str(e))
+        enc = datasets.get_tokenizer(cfg["tokenizer"])
+    except (ValueError, downloads.DownloadError) as e:
+        cli.fail(str(e))
     out_dir = Path(cfg["out_dir"] or Path("data") / cfg["dataset"])
-    writable_dir(out_dir)
+    cli.writable_dir(out_dir)
     plan = DATASETS[cfg["dataset"]](cfg)
     current = settings(cfg, enc)
     record = {} if cfg["force"] else load_record(out_dir, current)
@@ -429,7 +427,7 @@ def main(argv=None):
 
     todo = [split for split in SPLITS if split not in done]
     paths = {split: [fetch(source) for source in plan[split][0]] for split in todo}
-    digests = {path: gpt.file_sha256(path) for path in {path for split in todo for path in paths[split]}}
+    digests = {path: files.file_sha256(path) for path in {path for split in todo for path in paths[split]}}
     workers = cfg["workers"] or os.cpu_count()
     for split in todo:
         sources, read = plan[split]
@@ -437,7 +435,7 @@ def main(argv=None):
             tokens, documents = tokenize(out_dir / f"{split}.bin", lambda bar: read(paths[split], bar), enc, workers,
                                          desc=f"{cfg['dataset']} {split}")
         except OSError as e:  # a full disk, a file gone missing
-            fail(f"preparing {split}: {e}")
+            cli.fail(f"preparing {split}: {e}")
         done[split] = {"file": f"{split}.bin", "tokens": tokens, "documents": documents,
                        "sources": [{**s, "sha256": digests[p]} for s, p in zip(sources, paths[split])]}
         write_json(out_dir / "meta.json.partial", {**current, "splits": done})
@@ -447,4 +445,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    run(main)
+    cli.run(main)

@@ -24,15 +24,7 @@ from types import SimpleNamespace
 import torch
 import torch.distributed as dist
 
-from benchmarks import WIKITEXT, load_task, parse_tasks, run_task
-from cli import autocast, fail, pick_device, pick_dtype, run, writable_dir
-from data import batch_loader, read_meta, require_pyarrow
-from gpt import DownloadError, get_tokenizer
-from training import (agreed_stop, build_model, check_adapters, check_fsdp, data_parallel, due_for_eval, eval_line,
-                      evaluate, exit_ddp, flops_per_token, full_state, gathered, held_per_process, log_record, log_step,
-                      lr_at, make_optimizer, make_scaler, matmul_flops, mean_over_ranks, memory_mb, plot_log,
-                      rank_zero_first, restore_run, resumed_accumulation, run_config, run_state, save_checkpoint,
-                      setup_ddp, shard_model, split_name, stop_message, stop_signals, train_step)
+from lib import benchmarks, checkpoints, cli, datasets, downloads, logs, measure, models, processes, stops, training
 
 # ----------------------------------------------------------------------------- defaults
 # I/O
@@ -92,76 +84,76 @@ MODEL_KEYS = ("n_layer", "n_head", "n_embd", "block_size", "bias", "pos_emb", "m
 
 
 def main(argv=None):
-    cfg, ckpt = run_config(DEFAULTS, MODEL_KEYS, argv, __doc__, __file__)
+    cfg, ckpt = checkpoints.run_config(DEFAULTS, MODEL_KEYS, argv, __doc__, __file__)
     ckpt_path = os.path.join(cfg["out_dir"], "ckpt.pt")
     c = SimpleNamespace(**cfg)
-    check_adapters(cfg)
+    models.check_adapters(cfg)
     if c.compile and c.activation_checkpointing and (c.dropout or c.lora_rank and c.lora_dropout):
-        fail("--activation_checkpointing with --compile recomputes dropout with other masks than the forward "
+        cli.fail("--activation_checkpointing with --compile recomputes dropout with other masks than the forward "
              "pass drew (torch.compile does not replay the random state), so the gradients would be wrong: "
              "use --dropout=0 (and --lora_dropout=0), or --compile=False")
-    task_names = parse_tasks(c.eval_tasks, "--eval_tasks")
-    if any(name in WIKITEXT for name in task_names):
-        require_pyarrow()
-    writable_dir(c.out_dir)
+    task_names = benchmarks.parse_tasks(c.eval_tasks, "--eval_tasks")
+    if any(name in benchmarks.WIKITEXT for name in task_names):
+        datasets.require_pyarrow()
+    cli.writable_dir(c.out_dir)
 
-    rank, world_size, device = setup_ddp(pick_device(c.device))
+    rank, world_size, device = processes.setup_ddp(cli.pick_device(c.device))
     if ckpt is not None:
-        cfg["gradient_accumulation_steps"] = c.gradient_accumulation_steps = resumed_accumulation(
+        cfg["gradient_accumulation_steps"] = c.gradient_accumulation_steps = checkpoints.resumed_accumulation(
             ckpt, c.gradient_accumulation_steps, world_size)
     master = rank == 0  # only the first process writes files and prints
-    dtype = pick_dtype(c.dtype, device)
-    check_fsdp(c.fsdp, c.quantize, dtype)
+    dtype = cli.pick_dtype(c.dtype, device)
+    processes.check_fsdp(c.fsdp, c.quantize, dtype)
     if device.startswith("cuda"):
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
     folder = os.path.join(c.data_dir, c.dataset)
-    meta = read_meta(folder, c.block_size)
-    get_batch = batch_loader(folder, c.batch_size, c.block_size, device, c.seed)
+    meta = datasets.read_meta(folder, c.block_size)
+    get_batch = datasets.batch_loader(folder, c.batch_size, c.block_size, device, c.seed)
     try:
-        enc = get_tokenizer(meta["tokenizer"])
-    except (ValueError, DownloadError) as e:
-        fail(str(e))
+        enc = datasets.get_tokenizer(meta["tokenizer"])
+    except (ValueError, downloads.DownloadError) as e:
+        cli.fail(str(e))
     prompt = enc.encode(c.sample_prompt, allowed_special={"<|endoftext|>"}) if c.sample_prompt else [enc.eot_token]
 
-    with rank_zero_first():  # GPT-2's weights and the benchmarks' files are downloaded once
-        model = build_model(c, meta["vocab_size"], ckpt).to(device)
-        tasks = [load_task(name, enc, model.config, limit=c.eval_limit) for name in task_names]
+    with processes.rank_zero_first():  # GPT-2's weights and the benchmarks' files are downloaded once
+        model = models.build_model(c, meta["vocab_size"], ckpt).to(device)
+        tasks = [benchmarks.load_task(name, enc, model.config, limit=c.eval_limit) for name in task_names]
     if c.block_size > model.config.block_size:
-        fail(f"--block_size={c.block_size} is longer than the model's context of {model.config.block_size}")
+        cli.fail(f"--block_size={c.block_size} is longer than the model's context of {model.config.block_size}")
     vocab = model.config.vocab_size
     if c.sample_tokens and max(prompt) >= vocab:  # a dataset may use only the first ids of its tokenizer
-        fail(f"--sample_prompt={c.sample_prompt!r} has token ids beyond the model's vocabulary of {vocab}"
+        cli.fail(f"--sample_prompt={c.sample_prompt!r} has token ids beyond the model's vocabulary of {vocab}"
              if c.sample_prompt else
              f"the evaluation sample starts from <|endoftext|> (id {enc.eot_token}), beyond the model's vocabulary "
              f"of {vocab} (meta.json's vocab_size): give a --sample_prompt within it, or --sample_tokens=0")
     model.activation_checkpointing = c.activation_checkpointing
     sharded = c.fsdp and world_size > 1
-    step_dtype = shard_model(model, device, dtype) if sharded else dtype  # what autocast casts to
-    optimizer = make_optimizer(model, c.learning_rate, c.weight_decay, (c.beta1, c.beta2), device)
-    scaler = make_scaler(device, dtype)
+    step_dtype = processes.shard_model(model, device, dtype) if sharded else dtype  # what autocast casts to
+    optimizer = training.make_optimizer(model, c.learning_rate, c.weight_decay, (c.beta1, c.beta2), device)
+    scaler = training.make_scaler(device, dtype)
     log_path = os.path.join(c.out_dir, "log.jsonl")
-    start_iter, best_val_loss = restore_run(ckpt, model, optimizer, scaler, log_path, write_files=master)
+    start_iter, best_val_loss = checkpoints.restore(ckpt, model, optimizer, scaler, log_path, write_files=master)
     fast = torch.compile(model) if c.compile else model  # checkpoints come from model: no _orig_mod. keys
-    trained = data_parallel(fast, world_size, sharded, device)
+    trained = processes.data_parallel(fast, world_size, sharded, device)
     wandb_run = None
     if c.wandb_log and master:
         import wandb
         wandb_run = wandb.init(project=c.wandb_project, name=c.wandb_run_name, config=cfg)
 
     tokens_per_iter = world_size * c.gradient_accumulation_steps * c.batch_size * c.block_size
-    flops_per_iter = flops_per_token(model.config, model.num_params(), c.block_size) * tokens_per_iter
-    peak = c.peak_flops or matmul_flops(device, dtype)
+    flops_per_iter = measure.flops_per_token(model.config, model.num_params(), c.block_size) * tokens_per_iter
+    peak = c.peak_flops or measure.matmul_flops(device, dtype)
     decay_iters = c.lr_decay_iters or c.max_iters
     if master:
         print(f"{model.num_params() / 1e6:.2f}M parameters, {tokens_per_iter:,} tokens per iteration, "
-              f"{world_size} process(es) ({split_name(world_size, sharded)}) on {device}, {dtype}, peak {peak / 1e12:.3f} TFLOP/s for MFU\n"
-              f"{held_per_process(model)}", flush=True)
+              f"{world_size} process(es) ({processes.split_name(world_size, sharded)}) on {device}, {dtype}, peak {peak / 1e12:.3f} TFLOP/s for MFU\n"
+              f"{processes.held_per_process(model)}", flush=True)
 
     def checkpoint(it, evaluated=True):
         """Every process takes part (FSDP gathers the shards); rank 0 writes."""
-        model_state, optimizer_state = full_state(model, optimizer)
+        model_state, optimizer_state = checkpoints.full_state(model, optimizer)
         if master:
-            save_checkpoint(ckpt_path, {"model": model_state, **run_state(
+            checkpoints.save(ckpt_path, {"model": model_state, **checkpoints.run_state(
                 optimizer_state, scaler, it, best_val_loss, cfg, model, meta["tokenizer"], log_path,
                 script="train.py", world_size=world_size, evaluated=evaluated)})
 
@@ -169,7 +161,7 @@ def main(argv=None):
         """The sample text of an evaluation, from a fixed seed, so that samples compare. Under FSDP
         every process generates it: the forward passes gather weights from all of them."""
         torch.manual_seed(c.seed)
-        with gathered(model, sharded), autocast(device, step_dtype):
+        with processes.gathered(model, sharded), cli.autocast(device, step_dtype):
             out = model.eval().generate(torch.tensor([prompt], device=device), c.sample_tokens, temperature=0.8,
                                         top_k=200)
         model.train()
@@ -177,59 +169,59 @@ def main(argv=None):
 
     it = start_iter
     t_last, it_last = time.perf_counter(), it
-    with stop_signals(announce=master) as caught:
+    with stops.stop_signals(announce=master) as caught:
         while True:
-            if due_for_eval(it, c.eval_interval, c.max_iters, ckpt, start_iter):
-                losses = evaluate(fast, get_batch, c.eval_iters, rank, world_size, device, step_dtype)
+            if training.due_for_eval(it, c.eval_interval, c.max_iters, ckpt, start_iter):
+                losses = training.evaluate(fast, get_batch, c.eval_iters, rank, world_size, device, step_dtype)
                 best_val_loss = min(best_val_loss, losses["val"])
                 scores = {}
-                with gathered(model, sharded):  # the benchmarks score past forward(), like generation
+                with processes.gathered(model, sharded):  # the benchmarks score past forward(), like generation
                     for task in tasks:
-                        for metric, value in run_task(model, task, c.batch_size, rank, world_size, device,
+                        for metric, value in benchmarks.run_task(model, task, c.batch_size, rank, world_size, device,
                                                       step_dtype).items():
                             scores[f"{task.name}_{metric}"] = value
                 text = sample() if c.sample_tokens and (master or sharded) else ""
                 if master:
                     shown = "".join(f", {k} {v:.4f}" for k, v in scores.items() if isinstance(v, float))
-                    print(f"{eval_line(it, losses, best_val_loss)}{shown}, sample: {text!r}", flush=True)
-                    log_record(log_path, {"iter": it, "train_loss": losses["train"], "val_loss": losses["val"],
+                    print(f"{logs.eval_line(it, losses, best_val_loss)}{shown}, sample: {text!r}", flush=True)
+                    logs.log_record(log_path, {"iter": it, "train_loss": losses["train"], "val_loss": losses["val"],
                                           "best_val_loss": best_val_loss, **scores, "sample": text}, wandb_run)
-                    plot_log(log_path, os.path.join(c.out_dir, "loss.png"))
+                    logs.plot_log(log_path, os.path.join(c.out_dir, "loss.png"))
                 checkpoint(it)
                 t_last, it_last = time.perf_counter(), it  # evaluation time is not training time
             if it >= c.max_iters:
                 break
 
-            lr = lr_at(it, c.learning_rate, c.min_lr, c.warmup_iters, decay_iters)
-            loss = train_step(trained, optimizer, scaler, get_batch, it, lr, grad_accum=c.gradient_accumulation_steps,
+            lr = training.lr_at(it, c.learning_rate, c.min_lr, c.warmup_iters, decay_iters)
+            loss = training.train_step(trained, optimizer, scaler, get_batch, it, lr, grad_accum=c.gradient_accumulation_steps,
                               rank=rank, world_size=world_size, device=device, dtype=step_dtype, grad_clip=c.grad_clip,
                               seed=c.seed)
             if it % c.log_interval == 0:
-                loss = mean_over_ranks(loss, world_size)  # waits for the step to finish: the timing is honest
+                loss = processes.mean_over_ranks(loss, world_size)  # waits for the step to finish: the timing is honest
                 seconds = (time.perf_counter() - t_last) / (it + 1 - it_last)
                 t_last, it_last = time.perf_counter(), it + 1
                 record = {"iter": it, "loss": loss, "lr": lr, "tokens_per_s": tokens_per_iter / seconds,
                           "ms": 1000 * seconds, "mfu": flops_per_iter / seconds / (peak * world_size),
-                          "mem": memory_mb(device)}
+                          "mem": measure.memory_mb(device)}
                 if master:
-                    log_step(log_path, record, wandb_run)
+                    logs.log_step(log_path, record, wandb_run)
             it += 1
-            stop = agreed_stop(caught, world_size, device)
+            stop = stops.agreed_stop(caught, world_size, device)
             if stop and it < c.max_iters:
                 checkpoint(it, evaluated=False)
                 if master:
-                    print(stop_message(it, ckpt_path, "train.py", c.out_dir, world_size), flush=True)
+                    print(stops.stop_message(it, ckpt_path, "train.py", c.out_dir, world_size), flush=True)
                 if world_size > 1:
                     dist.barrier()  # no process may exit while the checkpoint is being written
                 if wandb_run is not None:  # exit_ddp may end the process before wandb's own exit hook
                     wandb_run.finish(exit_code=128 + stop)
-                exit_ddp(128 + stop)
+                processes.exit_ddp(128 + stop)
     if master:
         print(f"done: {c.max_iters} iterations; checkpoint in {ckpt_path}, log in {log_path}")
     if wandb_run is not None:
         wandb_run.finish()
-    exit_ddp()
+    processes.exit_ddp()
 
 
 if __name__ == "__main__":
-    run(main)
+    cli.run(main)

@@ -17,7 +17,7 @@ import tiktoken
 import torch
 import transformers
 
-import benchmarks
+from lib import benchmarks, checkpoints, downloads, speed, training
 import gpt
 from hub_mirror import HubMirror
 
@@ -172,7 +172,7 @@ def test_score_over_several_logit_chunks_equals_transformers(models):
         nll, all_greedy = nll_of(theirs, row, n)
         assert got == pytest.approx(-nll, rel=1e-5) and greedy == all_greedy
     assert benchmarks.score(ours, requests)[0][1]
-    chunks = [rows for rows, _, _ in gpt.logit_chunks(torch.zeros(768, 32), torch.zeros(50257, 32))]
+    chunks = [rows for rows, _, _ in speed.logit_chunks(torch.zeros(768, 32), torch.zeros(50257, 32))]
     assert [c.stop - c.start for c in chunks] == [320, 320, 128]
 
 
@@ -231,9 +231,9 @@ def test_eval_py_downloads_scores_every_task_and_then_runs_offline(models, mirro
 
 
 def test_the_real_urls_are_the_cached_paths():
-    assert gpt.web_path(benchmarks.LAMBADA_URL).parts[-4:] == (
+    assert downloads.web_path(benchmarks.LAMBADA_URL).parts[-4:] == (
         "openaipublic.blob.core.windows.net", "gpt-2", "data", "lambada_test.jsonl")
-    assert gpt.web_path(benchmarks.HELLASWAG_URL).parts[-6:] == (
+    assert downloads.web_path(benchmarks.HELLASWAG_URL).parts[-6:] == (
         "raw.githubusercontent.com", "rowanz", "hellaswag", "master", "data", "hellaswag_val.jsonl")
 
 
@@ -273,7 +273,6 @@ def test_a_checkpoint_and_an_adapter_are_scored_as_loaded(models, mirror, tmp_pa
     that it changes the numbers) to its base model: eval.py's numbers are those of the same models
     scored in-process."""
     from dataclasses import asdict
-    import training
     path, _, ours = models
     hub, urls, cache = mirror
     env = {"HF_ENDPOINT": hub.url, "GPT2REF_CACHE": str(cache)}
@@ -288,7 +287,7 @@ def test_a_checkpoint_and_an_adapter_are_scored_as_loaded(models, mirror, tmp_pa
     with torch.no_grad():
         trained.transformer.h[0].mlp.c_fc.weight.mul_(3.0)
     (tmp_path / "run").mkdir()
-    training.save_checkpoint(tmp_path / "run" / "ckpt.pt", {
+    checkpoints.save(tmp_path / "run" / "ckpt.pt", {
         "model": trained.state_dict(), "config": {"lora_rank": 0, "quantize": "none"},
         "model_args": asdict(trained.config), "iter": 0, "tokenizer": "gpt2"})
     adapted = gpt.GPT.from_pretrained(path)
@@ -330,6 +329,6 @@ def test_bfloat16_scores_with_bfloat16_weights(models, mirror, tmp_path, monkeyp
     assert saved["settings"]["dtype"] == "bfloat16"
     task = benchmarks.load_task("hellaswag", tiktoken.get_encoding("gpt2"), ours.config,
                                 urls={"hellaswag": urls[1].split("=", 1)[1]})
-    cast = copy.deepcopy(ours).cast_for_inference(torch.bfloat16)
+    cast = speed.cast_for_inference(copy.deepcopy(ours), torch.bfloat16)
     expected = run_task(cast, task, dtype="bfloat16")
     assert saved["results"]["hellaswag"]["acc_norm"] == pytest.approx(expected["acc_norm"], rel=1e-9)

@@ -11,9 +11,8 @@ import pytest
 import torch
 
 import gpt
-from data import batch_loader
+from lib import datasets, measure, training
 from test_train import BENCH, ROOT, SPLITS, TINY, data_dir, losses, read_log, run, task_cache  # noqa: F401 (fixtures)
-from training import make_optimizer, make_scaler, matmul_flops, train_step
 
 one_gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 two_gpus = pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 CUDA GPUs (nccl, FSDP in bfloat16)")
@@ -44,9 +43,9 @@ def fixed_batch(seed=1, B=4, T=64, vocab=300):
 def one_step(model, device, dtype, steps=3):
     """Losses of `steps` train_steps of model on device (a copy), and the trained copy on the CPU."""
     model = copy.deepcopy(model).to(device)
-    optimizer, scaler = make_optimizer(model, 1e-3, 0.1, (0.9, 0.95), device), make_scaler(device, dtype)
+    optimizer, scaler = training.make_optimizer(model, 1e-3, 0.1, (0.9, 0.95), device), training.make_scaler(device, dtype)
     x, y = (t.to(device) for t in fixed_batch())
-    out = [train_step(model, optimizer, scaler, lambda *key: (x, y), it, 1e-3, device=device, dtype=dtype).item()
+    out = [training.train_step(model, optimizer, scaler, lambda *key: (x, y), it, 1e-3, device=device, dtype=dtype).item()
            for it in range(steps)]
     return out, model.cpu(), optimizer
 
@@ -78,15 +77,15 @@ def test_float16_with_the_grad_scaler_is_close_and_skips_an_overflowing_step():
     np.testing.assert_allclose(gpu_losses, cpu_losses, rtol=2e-2)
     # a step whose gradients overflow changes no weight and halves the scale
     model = tiny().cuda()
-    optimizer, scaler = make_optimizer(model, 1e-3, 0.1, (0.9, 0.95), "cuda"), make_scaler("cuda", "float16")
+    optimizer, scaler = training.make_optimizer(model, 1e-3, 0.1, (0.9, 0.95), "cuda"), training.make_scaler("cuda", "float16")
     x, y = (t.cuda() for t in fixed_batch())
     before, scale = copy.deepcopy(model.state_dict()), scaler.get_scale()
     hook = model.transformer.h[0].mlp.c_fc.weight.register_hook(lambda g: g * float("inf"))
-    train_step(model, optimizer, scaler, lambda *key: (x, y), 0, 1e-3, device="cuda", dtype="float16")
+    training.train_step(model, optimizer, scaler, lambda *key: (x, y), 0, 1e-3, device="cuda", dtype="float16")
     hook.remove()
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
     assert scaler.get_scale() == scale / 2
-    train_step(model, optimizer, scaler, lambda *key: (x, y), 1, 1e-3, device="cuda", dtype="float16")
+    training.train_step(model, optimizer, scaler, lambda *key: (x, y), 1, 1e-3, device="cuda", dtype="float16")
     assert not all(torch.equal(before[k], v) for k, v in model.state_dict().items())
 
 
@@ -138,7 +137,7 @@ def test_compiled_train_py_run_tracks_the_eager_one(data_dir, tmp_path):
 @one_gpu
 def test_batches_come_pinned_and_equal_the_cpus(data_dir):
     folder = str(data_dir / "toy")
-    on_cpu, on_gpu = batch_loader(folder, 4, 32, "cpu", 0), batch_loader(folder, 4, 32, "cuda", 0)
+    on_cpu, on_gpu = datasets.batch_loader(folder, 4, 32, "cpu", 0), datasets.batch_loader(folder, 4, 32, "cuda", 0)
     for key in range(3):
         (x, y), (gx, gy) = on_cpu("train", key, 0), on_gpu("train", key, 0)
         assert gx.is_cuda and torch.equal(gx.cpu(), x) and torch.equal(gy.cpu(), y)
@@ -219,9 +218,9 @@ def test_eval_tasks_on_one_gpu_score_what_the_cpu_scores(task_cache, tmp_path):
 
 @one_gpu
 def test_the_matmul_peak_is_measured_on_the_gpu():
-    peak = matmul_flops("cuda", "float32")
+    peak = measure.matmul_flops("cuda", "float32")
     assert 1e12 < peak < 1e16  # any GPU: a teraFLOP/s or more, and no runaway timer
-    assert matmul_flops("cuda", "float16") > peak  # tensor cores
+    assert measure.matmul_flops("cuda", "float16") > peak  # tensor cores
 
 
 @two_gpus

@@ -7,7 +7,8 @@ import pytest
 import torch
 
 import gpt
-from gpt import GPT, DownloadError, hub_file
+from lib import downloads
+from gpt import GPT
 from hub_mirror import HubMirror
 from test_model import batch, hf_gpt2, write_hub_layout
 
@@ -20,7 +21,7 @@ def hub(tmp_path, monkeypatch):
     monkeypatch.setenv("GPT2REF_CACHE", str(tmp_path / "cache"))
     monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
     sleeps = []
-    monkeypatch.setattr(gpt.time, "sleep", sleeps.append)  # backoff without waiting
+    monkeypatch.setattr(downloads.time, "sleep", sleeps.append)  # backoff without waiting
     with HubMirror() as mirror:
         monkeypatch.setenv("HF_ENDPOINT", mirror.url)
         mirror.sleeps = sleeps
@@ -82,7 +83,7 @@ def test_every_size_uses_its_repo(hub, checkpoint):
 def test_wrong_linked_sha256_keeps_nothing(hub, checkpoint):
     serve_gpt2(hub, checkpoint)
     hub.wrong_sha.add(GPT2 + "model.safetensors")
-    with pytest.raises(DownloadError, match="sha256"):
+    with pytest.raises(downloads.DownloadError, match="sha256"):
         GPT.from_pretrained("gpt2")
     assert cached_files(hub) == ["models/openai-community/gpt2/config.json"]  # no weights, no .part
     hub.wrong_sha.clear()
@@ -92,21 +93,21 @@ def test_wrong_linked_sha256_keeps_nothing(hub, checkpoint):
 @pytest.mark.parametrize("given", [dict(sha256="0" * 64), dict(size=2_500_001), dict(size=2_499_999)])
 def test_given_size_and_sha256_are_checked(hub, blob, given):
     hub.add("plain.bin", blob, lfs=False)
-    with pytest.raises(DownloadError, match="nothing was kept"):
-        gpt.download(f"{hub.url}/plain.bin", hub.cache / "plain.bin", **given)
+    with pytest.raises(downloads.DownloadError, match="nothing was kept"):
+        downloads.download(f"{hub.url}/plain.bin", hub.cache / "plain.bin", **given)
     assert cached_files(hub) == []
 
 
 def test_correct_size_and_sha256_pass(hub, blob):
     hub.add("plain.bin", blob, lfs=False)
-    path = gpt.download(f"{hub.url}/plain.bin", hub.cache / "plain.bin", sha256=sha(blob), size=len(blob))
+    path = downloads.download(f"{hub.url}/plain.bin", hub.cache / "plain.bin", sha256=sha(blob), size=len(blob))
     assert path.read_bytes() == blob
 
 
 def test_cut_transfer_resumes_with_range(hub, blob):
     hub.add(BLOB, blob)
     hub.cut_after[BLOB] = 1_500_000
-    path = hub_file("someone/big", "blob.bin")
+    path = downloads.hub_file("someone/big", "blob.bin")
     assert path.read_bytes() == blob
     cdn = [r for r in hub.requests if r[0] == "cdn"]
     assert len(cdn) == 2 and cdn[0][3] is None
@@ -121,7 +122,7 @@ def test_partial_file_from_an_earlier_run_is_resumed(hub, blob):
     part = hub.cache / "models/someone/big/blob.bin.part"
     part.parent.mkdir(parents=True)
     part.write_bytes(blob[:1000])
-    assert hub_file("someone/big", "blob.bin").read_bytes() == blob
+    assert downloads.hub_file("someone/big", "blob.bin").read_bytes() == blob
     assert [r[3] for r in hub.requests] == ["bytes=1000-", "bytes=1000-"]  # the hub, then the CDN
 
 
@@ -129,7 +130,7 @@ def test_server_ignoring_range_still_gives_the_right_file(hub, blob):
     hub.add(BLOB, blob)
     hub.ignore_range.add(BLOB)
     hub.cut_after[BLOB] = 1_500_000
-    assert hub_file("someone/big", "blob.bin").read_bytes() == blob
+    assert downloads.hub_file("someone/big", "blob.bin").read_bytes() == blob
     assert [r[3] is not None for r in hub.requests if r[0] == "cdn"] == [False, True]  # asked, got 200
 
 
@@ -139,7 +140,7 @@ def test_server_ignoring_range_does_not_append_to_stale_part(hub, blob):
     part = hub.cache / "plain.bin.part"
     part.parent.mkdir(parents=True)
     part.write_bytes(b"x" * 1000)  # not even a prefix of the file: must be thrown away
-    assert gpt.download(f"{hub.url}/plain.bin", hub.cache / "plain.bin").read_bytes() == blob
+    assert downloads.download(f"{hub.url}/plain.bin", hub.cache / "plain.bin").read_bytes() == blob
     assert hub.requests[0][3] == "bytes=1000-"
 
 
@@ -149,7 +150,7 @@ def test_206_for_another_range_is_not_appended(hub, blob):
     part = hub.cache / "plain.bin.part"
     part.parent.mkdir(parents=True)
     part.write_bytes(blob[:1000])
-    path = gpt.download(f"{hub.url}/plain.bin", hub.cache / "plain.bin")
+    path = downloads.download(f"{hub.url}/plain.bin", hub.cache / "plain.bin")
     assert path.read_bytes() == blob  # the part was dropped and the file fetched again from zero
     assert [r[3] for r in hub.requests] == ["bytes=1000-", None]
 
@@ -159,7 +160,7 @@ def test_complete_part_answered_416_starts_over(hub, blob):
     part = hub.cache / "models/someone/big/blob.bin.part"
     part.parent.mkdir(parents=True)
     part.write_bytes(blob)
-    assert hub_file("someone/big", "blob.bin").read_bytes() == blob
+    assert downloads.hub_file("someone/big", "blob.bin").read_bytes() == blob
     assert cached_files(hub) == ["models/someone/big/blob.bin"]
 
 
@@ -175,7 +176,7 @@ def test_transient_errors_are_retried_with_backoff(hub, checkpoint):
 def test_persistent_errors_give_up(hub, checkpoint):
     serve_gpt2(hub, checkpoint)
     hub.fail_status[GPT2 + "config.json"] = [503] * 100
-    with pytest.raises(DownloadError, match="503"):
+    with pytest.raises(downloads.DownloadError, match="503"):
         GPT.from_pretrained("gpt2")
     assert cached_files(hub) == []
     assert 2 <= len(hub.sleeps) < 10
@@ -186,13 +187,13 @@ def test_unreachable_server_gives_download_error(hub, monkeypatch):
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     monkeypatch.setenv("HF_ENDPOINT", f"http://127.0.0.1:{port}")
-    with pytest.raises(DownloadError, match=f"127.0.0.1:{port}"):
+    with pytest.raises(downloads.DownloadError, match=f"127.0.0.1:{port}"):
         GPT.from_pretrained("gpt2")
     assert cached_files(hub) == []
 
 
 def test_404_is_a_clear_error_and_caches_nothing(hub):
-    with pytest.raises(DownloadError, match="404") as e:
+    with pytest.raises(downloads.DownloadError, match="404") as e:
         GPT.from_pretrained("gpt2")
     assert f"{hub.url}/{GPT2}config.json" in str(e.value)
     assert "Without the hub: HF_ENDPOINT=<a mirror of it>, or a local directory holding config.json" in str(e.value)
@@ -201,7 +202,7 @@ def test_404_is_a_clear_error_and_caches_nothing(hub):
 
 def test_missing_weights_leave_no_weights(hub, checkpoint):
     hub.add(GPT2 + "config.json", (checkpoint / "config.json").read_bytes(), lfs=False)
-    with pytest.raises(DownloadError, match="model.safetensors"):
+    with pytest.raises(downloads.DownloadError, match="model.safetensors"):
         GPT.from_pretrained("gpt2")
     assert cached_files(hub) == ["models/openai-community/gpt2/config.json"]
 
@@ -210,7 +211,7 @@ def test_missing_weights_leave_no_weights(hub, checkpoint):
 def test_offline_uses_the_cache_only(hub, checkpoint, monkeypatch, offline):
     serve_gpt2(hub, checkpoint)
     monkeypatch.setenv("HF_HUB_OFFLINE", offline)
-    with pytest.raises(DownloadError, match="HF_HUB_OFFLINE"):
+    with pytest.raises(downloads.DownloadError, match="HF_HUB_OFFLINE"):
         GPT.from_pretrained("gpt2")
     assert hub.requests == [] and cached_files(hub) == []
     monkeypatch.delenv("HF_HUB_OFFLINE")
@@ -223,20 +224,20 @@ def test_offline_uses_the_cache_only(hub, checkpoint, monkeypatch, offline):
 
 def test_dataset_and_raw_files(hub):
     hub.add("datasets/roneneldan/TinyStories/resolve/main/TinyStoriesV2-GPT4-valid.txt", b"Once upon a time")
-    path = hub_file("roneneldan/TinyStories", "TinyStoriesV2-GPT4-valid.txt", repo_type="dataset")
+    path = downloads.hub_file("roneneldan/TinyStories", "TinyStoriesV2-GPT4-valid.txt", repo_type="dataset")
     assert path == hub.cache / "datasets/roneneldan/TinyStories/TinyStoriesV2-GPT4-valid.txt"
     assert path.read_bytes() == b"Once upon a time"
     hub.add("karpathy/char-rnn/master/data/tinyshakespeare/input.txt", b"First Citizen:", lfs=False)
-    path = gpt.download(f"{hub.url}/karpathy/char-rnn/master/data/tinyshakespeare/input.txt", hub.cache / "input.txt")
+    path = downloads.download(f"{hub.url}/karpathy/char-rnn/master/data/tinyshakespeare/input.txt", hub.cache / "input.txt")
     assert path.read_bytes() == b"First Citizen:"
 
 
 def test_cache_dir_location(monkeypatch, tmp_path):
     monkeypatch.setenv("GPT2REF_CACHE", str(tmp_path / "mine"))
-    assert gpt.cache_dir() == tmp_path / "mine"
+    assert downloads.cache_dir() == tmp_path / "mine"
     monkeypatch.delenv("GPT2REF_CACHE")
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
-    assert gpt.cache_dir() == tmp_path / "xdg" / "gpt2ref"
+    assert downloads.cache_dir() == tmp_path / "xdg" / "gpt2ref"
     monkeypatch.delenv("XDG_CACHE_HOME")
     monkeypatch.setenv("HOME", str(tmp_path))
-    assert gpt.cache_dir() == tmp_path / ".cache" / "gpt2ref"
+    assert downloads.cache_dir() == tmp_path / ".cache" / "gpt2ref"

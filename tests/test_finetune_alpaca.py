@@ -14,10 +14,10 @@ import pytest
 import tiktoken
 import torch
 
-import data
+from lib import datasets
 import finetune_alpaca as fa
 import gpt
-import training
+from lib import checkpoints, downloads, models, training, weightfiles
 from conftest import ROOT
 from hub_mirror import HubMirror
 
@@ -47,10 +47,10 @@ def make_records(n=40, seed=0):
 # ----------------------------------------------------------------------------- prompts and labels
 
 def test_prompts_are_the_templates_then_a_newline():
-    assert data.PROMPT_WITH_INPUT == WITH_INPUT and data.PROMPT_NO_INPUT == NO_INPUT
-    assert data.alpaca_prompt("Name a color.") == NO_INPUT.format(instruction="Name a color.") + "\n"
-    assert data.alpaca_prompt("Sum these.", "2, 3") == WITH_INPUT.format(instruction="Sum these.", input="2, 3") + "\n"
-    assert data.alpaca_prompt("{input} braces stay", "") .startswith(NO_INPUT.split("{")[0])
+    assert datasets.PROMPT_WITH_INPUT == WITH_INPUT and datasets.PROMPT_NO_INPUT == NO_INPUT
+    assert datasets.alpaca_prompt("Name a color.") == NO_INPUT.format(instruction="Name a color.") + "\n"
+    assert datasets.alpaca_prompt("Sum these.", "2, 3") == WITH_INPUT.format(instruction="Sum these.", input="2, 3") + "\n"
+    assert datasets.alpaca_prompt("{input} braces stay", "") .startswith(NO_INPUT.split("{")[0])
 
 
 def test_example_is_prompt_then_response_then_eot():
@@ -168,9 +168,9 @@ def test_data_sources_go_through_the_cache(hub, tmp_path):
     hub.add("stanford/alpaca_data.json", json.dumps(records).encode(), lfs=False)
     c = SimpleNamespace(data="alpaca", data_path="", alpaca_url=f"{hub.url}/stanford/alpaca_data.json")
     path = fa.alpaca_file(c)
-    assert path == gpt.cache_dir() / "alpaca" / "alpaca_data.json" and fa.read_records(path) == records
+    assert path == downloads.cache_dir() / "alpaca" / "alpaca_data.json" and fa.read_records(path) == records
     cleaned = fa.alpaca_file(SimpleNamespace(data="alpaca-cleaned", data_path="", alpaca_url=""))
-    assert cleaned == gpt.cache_dir() / "datasets" / "yahma/alpaca-cleaned" / "alpaca_data_cleaned.json"
+    assert cleaned == downloads.cache_dir() / "datasets" / "yahma/alpaca-cleaned" / "alpaca_data_cleaned.json"
     assert json.loads(cleaned.read_text()) == make_records()
     (tmp_path / "mine.json").write_text(json.dumps(records))
     assert fa.alpaca_file(SimpleNamespace(data="ignored", data_path=str(tmp_path / "mine.json"))) == str(tmp_path / "mine.json")
@@ -254,22 +254,22 @@ def test_run_crash_resume_and_sample(mode, hub, tmp_path, monkeypatch, capsys):
     fa.main([f"--out_dir={crashed}", "--init_from=resume"])
     assert log_without_timing(crashed / "log.jsonl") == log  # the same numbers, bit for bit
 
-    ckpt = training.load_checkpoint(straight / "ckpt.pt")
+    ckpt = checkpoints.load(straight / "ckpt.pt")
     if mode == "full":
         assert "model" in ckpt and not (straight / "adapter.json").exists()
-        resumed = training.load_checkpoint(crashed / "ckpt.pt")["model"]
+        resumed = checkpoints.load(crashed / "ckpt.pt")["model"]
         assert all(torch.equal(t, resumed[k]) for k, t in ckpt["model"].items())
         return
-    assert set(ckpt["adapter"]) == set(gpt.read_safetensors(straight / "adapter.safetensors"))
+    assert set(ckpt["adapter"]) == set(weightfiles.read_safetensors(straight / "adapter.safetensors"))
     assert all(k.endswith(gpt.LORA_SUFFIXES) for k in ckpt["adapter"]) and "model" not in ckpt
     capsys.readouterr()
     with pytest.raises(SystemExit):  # what sample.py --init_from=resume would do with it
-        training.model_from_checkpoint(ckpt)
+        models.model_from_checkpoint(ckpt)
     assert "--init_from=gpt2 --adapter=" in capsys.readouterr().err
     adapter = json.loads((straight / "adapter.json").read_text())
     assert adapter["base_model"] == "gpt2" and adapter["quantize"] == ("nf4" if mode == "qlora" else None)
-    resumed = gpt.read_safetensors(crashed / "adapter.safetensors")
-    for name, t in gpt.read_safetensors(straight / "adapter.safetensors").items():
+    resumed = weightfiles.read_safetensors(crashed / "adapter.safetensors")
+    for name, t in weightfiles.read_safetensors(straight / "adapter.safetensors").items():
         assert torch.equal(t, resumed[name]), name
 
     # sample.py puts the adapter on the cached base model; transformers reads the merged export
@@ -303,7 +303,7 @@ def test_ctrl_c_stops_after_the_step_with_a_checkpoint_and_resume_is_exact(hub, 
     with pytest.raises(SystemExit) as e:
         finetune(stopped, *MODES["lora"])
     assert e.value.code == 130
-    ckpt = training.load_checkpoint(stopped / "ckpt.pt")
+    ckpt = checkpoints.load(stopped / "ckpt.pt")
     assert ckpt["iter"] == 5 and not ckpt["evaluated"] and ckpt["script"] == "finetune_alpaca.py"
     assert (f"stopped at iteration 5; checkpoint in {stopped / 'ckpt.pt'}; resume with: python finetune_alpaca.py "
             f"--init_from=resume --out_dir={stopped}") in capsys.readouterr().out.splitlines()
@@ -352,11 +352,11 @@ def test_lora_under_fsdp_on_two_processes_equals_one_process(hub, tmp_path):
     result = finetune_on_two_processes(tmp_path / "two", "--activation_checkpointing=True", *MODES["lora"])
     assert result.stdout.count("done: 6 iterations") == 1
     assert_same_log(tmp_path / "one", tmp_path / "two")
-    adapters = [gpt.read_safetensors(tmp_path / run / "adapter.safetensors") for run in ("one", "two")]
+    adapters = [weightfiles.read_safetensors(tmp_path / run / "adapter.safetensors") for run in ("one", "two")]
     assert adapters[0].keys() == adapters[1].keys()
     assert all(torch.allclose(adapters[0][k], adapters[1][k], atol=1e-5) for k in adapters[0])
     assert json.loads((tmp_path / "two" / "adapter.json").read_text()) == json.loads((tmp_path / "one" / "adapter.json").read_text())
-    merged = [gpt.read_safetensors(tmp_path / run / "merged" / "model.safetensors") for run in ("one", "two")]
+    merged = [weightfiles.read_safetensors(tmp_path / run / "merged" / "model.safetensors") for run in ("one", "two")]
     assert all(torch.allclose(merged[0][k], merged[1][k], atol=1e-5) for k in merged[0])
 
 

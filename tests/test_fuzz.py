@@ -24,7 +24,7 @@ import torch
 
 import gpt
 from conftest import ROOT
-from data import FORMATS, HEADER_BYTES, read_tokens, write_tokens
+from lib import datasets, weightfiles
 
 MEMORY = 2 << 30  # bytes of address space for a worker; importing torch takes about 0.7 GB of it
 TIMEOUT = 60      # seconds for a whole family; a few are needed
@@ -141,7 +141,7 @@ def field_edits(header, data):
             return f"{name}: {desc}", safetensors_bytes({**header, name: {**entry, **change}}, data)
 
         values = JSON_VALUES[i % 3::3]  # every value for some tensor, a third for each
-        for v in values + ["f32", "F32 ", "F8_E4M3", *gpt.SAFETENSORS_DTYPES]:
+        for v in values + ["f32", "F32 ", "F8_E4M3", *weightfiles.SAFETENSORS_DTYPES]:
             yield edit(f"dtype={v!r}", dtype=v)
         for v in values:
             yield edit(f"shape={v!r}", shape=v)
@@ -205,7 +205,7 @@ def header_edits(header, data):
     for literal in ("NaN", "Infinity", "-Infinity", "1" * 5000, "1e400", "-0", "1E2"):
         odd = re.sub(r'"shape": \[\d+', f'"shape": [{literal}', text, count=1)
         yield f"dimension {literal[:12]}", safetensors_bytes(odd.encode(), data)
-    for length in (0, 1, 2, len(raw) - 1, len(raw) + 1, len(raw) + 8, gpt.MAX_HEADER, gpt.MAX_HEADER + 1,
+    for length in (0, 1, 2, len(raw) - 1, len(raw) + 1, len(raw) + 8, weightfiles.MAX_HEADER, weightfiles.MAX_HEADER + 1,
                    2**32, 2**63, 2**64 - 1):
         yield f"header length {length}", safetensors_bytes(raw, data, length)
 
@@ -262,7 +262,7 @@ def check_safetensors(path, tensors):
     assert tensors.keys() == header.keys()
     for name, t in tensors.items():
         info = header[name]
-        assert t.dtype == gpt.SAFETENSORS_DTYPES[info["dtype"]] and list(t.shape) == info["shape"], name
+        assert t.dtype == weightfiles.SAFETENSORS_DTYPES[info["dtype"]] and list(t.shape) == info["shape"], name
         begin, end = info["data_offsets"]
         assert t.reshape(-1).view(torch.uint8).numpy().tobytes() == data[begin:end], name
 
@@ -327,7 +327,7 @@ def check_pretrained(where, model):
     assert (c.vocab_size, c.block_size, c.n_layer, c.n_head, c.n_embd) == tuple(
         hf[k] for k in ("vocab_size", "n_positions", "n_layer", "n_head", "n_embd"))
     ours = model.state_dict()
-    for name, t in gpt.read_safetensors(where / "model.safetensors").items():
+    for name, t in weightfiles.read_safetensors(where / "model.safetensors").items():
         if name.endswith(".attn.bias"):
             continue
         key = name if name.startswith("transformer.") else "transformer." + name
@@ -338,21 +338,21 @@ def check_pretrained(where, model):
 def token_cases(where, rng):
     for vocab in (50257, 100277):
         path = where / f"vocab{vocab}.bin"
-        write_tokens(path, np.arange(300) * 37 % vocab, vocab)
+        datasets.write_tokens(path, np.arange(300) * 37 % vocab, vocab)
         shard = path.read_bytes()
-        header = np.frombuffer(shard[:HEADER_BYTES], dtype="<i4")
+        header = np.frombuffer(shard[:datasets.HEADER_BYTES], dtype="<i4")
         yield f"vocab {vocab}: unchanged", shard
         for i in (0, 1, 2, 3, 255):
             for v in (0, 1, -1, 7, 2**31 - 1, -2**31, 20240520, 20240801, 299, 301, 600, 150):
                 h = header.copy()
                 h[i] = v
-                yield f"vocab {vocab}: header int {i} = {v}", h.tobytes() + shard[HEADER_BYTES:]
+                yield f"vocab {vocab}: header int {i} = {v}", h.tobytes() + shard[datasets.HEADER_BYTES:]
         other = 20240801 if vocab == 50257 else 20240520
         h = header.copy()
         h[0], h[1], h[2] = other, 7 if other == 20240801 else 1, 150 if other == 20240801 else 600
-        yield f"vocab {vocab}: relabelled as the other width", h.tobytes() + shard[HEADER_BYTES:]
+        yield f"vocab {vocab}: relabelled as the other width", h.tobytes() + shard[datasets.HEADER_BYTES:]
         yield from byte_edits(shard, rng, 150, 12)
-        yield from truncations(shard, [*range(0, HEADER_BYTES + 16, 7), *range(1024, len(shard), 9)])
+        yield from truncations(shard, [*range(0, datasets.HEADER_BYTES + 16, 7), *range(1024, len(shard), 9)])
         yield from appended(shard)
 
 
@@ -360,9 +360,9 @@ def check_tokens(path, tokens):
     """As many tokens as the header counts, each the file's bytes in the width its magic names."""
     file = path.read_bytes()
     magic, _, count = np.frombuffer(file[:12], dtype="<i4")
-    width = next(d for d, (m, _) in FORMATS.items() if m == magic)
+    width = next(d for d, (m, _) in datasets.FORMATS.items() if m == magic)
     assert len(tokens) == count
-    assert np.array_equal(tokens, np.frombuffer(file[HEADER_BYTES:], dtype=width.newbyteorder("<")))
+    assert np.array_equal(tokens, np.frombuffer(file[datasets.HEADER_BYTES:], dtype=width.newbyteorder("<")))
 
 
 # ----------------------------------------------------------------------------- the worker
@@ -396,9 +396,9 @@ def run(cases, load, check, where):
 
 def fuzz_safetensors(where, rng):
     file = where / "weights.safetensors"
-    gpt.write_safetensors(file, example_tensors(), metadata={"format": "pt"})
+    weightfiles.write_safetensors(file, example_tensors(), metadata={"format": "pt"})
     cases = ((desc, {file.name: f}) for desc, f in safetensors_cases(file.read_bytes(), rng))
-    return run(cases, lambda w: gpt.read_safetensors(file), lambda w, t: check_safetensors(file, t), where)
+    return run(cases, lambda w: weightfiles.read_safetensors(file), lambda w, t: check_safetensors(file, t), where)
 
 
 def fuzz_pretrained(where, rng):
@@ -410,7 +410,7 @@ def fuzz_pretrained(where, rng):
 def fuzz_tokens(where, rng):
     file = where / "shard.bin"
     cases = ((desc, {file.name: f}) for desc, f in token_cases(where, rng))
-    return run(cases, lambda w: read_tokens(file), lambda w, t: check_tokens(file, t), where)
+    return run(cases, lambda w: datasets.read_tokens(file), lambda w, t: check_tokens(file, t), where)
 
 
 if __name__ == "__main__":

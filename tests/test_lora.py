@@ -7,6 +7,7 @@ import torch
 import torch.nn.functional as F
 
 import gpt
+from lib import checkpoints, datasets, models, training, weightfiles
 from gpt import GPT, GPTConfig
 
 CONFIG = dict(block_size=32, vocab_size=101, n_layer=2, n_head=2, n_embd=64)
@@ -119,7 +120,7 @@ def test_adapter_saves_alone_and_loads_back(tmp_path):
     gpt.apply_lora(model, rank=4, alpha=8, dropout=0.05, targets=("attn.c_attn", "attn.c_proj", "mlp.c_fc"))
     randomize_adapters(model)
     gpt.save_adapter(model, tmp_path, base_model="tiny")
-    tensors = gpt.read_safetensors(tmp_path / "adapter.safetensors")
+    tensors = weightfiles.read_safetensors(tmp_path / "adapter.safetensors")
     assert set(tensors) == {n for n, p in model.named_parameters() if p.requires_grad}
     n_lora = sum(t.numel() for t in tensors.values())
     assert n_lora == CONFIG["n_layer"] * 4 * ((128 + 3 * 128) + (128 + 128) + (128 + 4 * 128))
@@ -179,13 +180,11 @@ def test_train_py_qlora_on_a_text_corpus_trains_adapters_only_and_resumes_exactl
     the checkpoint rebuilds the same layers, and a resumed run repeats an uninterrupted one."""
     np = pytest.importorskip("numpy")
     import train
-    import training
-    from data import write_tokens
     data = tmp_path / "data" / "toy"
     data.mkdir(parents=True)
     rng = np.random.default_rng(0)
     for split, n in (("train", 8000), ("val", 2000)):  # a random walk mod 128 in steps of 1 or 2
-        write_tokens(data / f"{split}.bin", np.cumsum(rng.choice([1, 2], size=n)) % 128, 128)
+        datasets.write_tokens(data / f"{split}.bin", np.cumsum(rng.choice([1, 2], size=n)) % 128, 128)
     (data / "meta.json").write_text(json.dumps({"tokenizer": "gpt2", "vocab_size": 128, "eot_token": 50256}))
     base = tiny_model(block_size=64, vocab_size=128)
     base.save_pretrained(tmp_path / "base")
@@ -204,7 +203,7 @@ def test_train_py_qlora_on_a_text_corpus_trains_adapters_only_and_resumes_exactl
     assert numbers("halves") == numbers("whole")
     evals = [v for _, _, v in numbers("whole") if v is not None]
     assert evals[-1] < evals[0]
-    model = training.model_from_checkpoint(training.load_checkpoint(tmp_path / "whole" / "ckpt.pt"))
+    model = models.model_from_checkpoint(checkpoints.load(tmp_path / "whole" / "ckpt.pt"))
     layer = model.transformer.h[1].mlp.c_fc
     assert isinstance(layer, gpt.LoRALinear) and isinstance(layer.base, gpt.NF4Linear)
     assert layer.lora_B.abs().sum() > 0

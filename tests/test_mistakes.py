@@ -16,7 +16,7 @@ import prepare_data
 import sample
 import train
 from conftest import ROOT
-from data import write_tokens
+from lib import cli, datasets
 
 transformers = pytest.importorskip("transformers")
 VOCAB = 128
@@ -34,7 +34,7 @@ def files(tmp_path_factory):
                        ("notjson", None)):
         (root / "data" / name).mkdir(parents=True)
         for split in ("train", "val"):
-            write_tokens(root / "data" / name / f"{split}.bin", rng.integers(0, VOCAB, 3000), VOCAB)
+            datasets.write_tokens(root / "data" / name / f"{split}.bin", rng.integers(0, VOCAB, 3000), VOCAB)
         (root / "data" / name / "meta.json").write_text("{oops" if meta is None else json.dumps(meta))
     torch.manual_seed(0)
     config = transformers.GPT2Config(n_layer=1, n_head=2, n_embd=32, n_positions=256, vocab_size=50257)
@@ -261,7 +261,6 @@ def test_help_into_a_closed_pipe_is_quiet():
 
 
 def test_ranges_come_from_the_notes_beside_the_defaults(tmp_path):
-    import cli
     script = tmp_path / "script.py"
     script.write_text('# --------- defaults\n# a group\nrate = 0.5  # (0, 1]; a note\ncount = 3  # >= 2\n'
                       'seed = 1  # [0, 2**3)\nfree = -1.0  # any number\n# ---------\nafter = 1  # > 5\n')
@@ -276,7 +275,6 @@ def test_ranges_come_from_the_notes_beside_the_defaults(tmp_path):
 
 
 def test_float16_on_a_cpu_warns_in_one_line(capsys):
-    import cli
     assert cli.pick_dtype("float16", "cpu") == "float16"
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and err.startswith("warning: float16 is for GPUs")

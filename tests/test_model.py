@@ -9,6 +9,7 @@ import pytest
 import torch
 
 import gpt
+from lib import datasets, downloads, speed, weightfiles
 from gpt import GPT, GPTConfig, KVCache, sample_next
 
 transformers = pytest.importorskip("transformers")
@@ -144,68 +145,6 @@ def test_loss_with_ignore_index_matches_transformers(tmp_path):
     keep = y != -100
     manual = -logits.log_softmax(-1)[keep].gather(1, y[keep][:, None]).mean()
     assert abs(loss.item() - manual.item()) <= 1e-5
-
-
-def cross_entropy_and_grads(model, x, y, chunked, dtype=None):
-    """The loss and every parameter's gradient, from model(x, y) (chunked) or from the logits and
-    F.cross_entropy (the plain way, every logit at once)."""
-    model.zero_grad(set_to_none=True)
-    with torch.autocast("cpu", dtype=dtype or torch.float32, enabled=dtype is not None):
-        if chunked:
-            loss = model(x, y)[1]
-        else:
-            logits = model(x)[0]
-            loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1).float(), y.flatten(), ignore_index=-100)
-    loss.backward()
-    return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
-
-
-def test_chunked_loss_and_gradients_equal_the_plain_cross_entropy(monkeypatch):
-    """GPT-2's vocabulary and 2 x 200 rows: chunks of 2**24 // 50257 = 333 rows rounded down to 320;
-    masked targets included. float32: equal within rounding; bfloat16 autocast: as close as two
-    bfloat16 computations of the same thing."""
-    model = GPT(GPTConfig(block_size=200, vocab_size=50257, n_layer=1, n_head=2, n_embd=16))
-    chunks = []
-    mm = torch.mm
-    x, y = batch(50257, B=2, T=200, seed=3), batch(50257, B=2, T=200, seed=4)
-    y[0, :30] = -100
-    loss, grads = cross_entropy_and_grads(model, x, y, chunked=False)
-    monkeypatch.setattr(torch, "mm", lambda a, b, **out: chunks.append(a.shape) or mm(a, b, **out))
-    ours, our_grads = cross_entropy_and_grads(model, x, y, chunked=True)
-    assert [shape[0] for shape in chunks if shape[-1] == 16] == [320, 80]  # the logits, a chunk at a time
-    assert grads.keys() == our_grads.keys() and "transformer.wte.weight" in grads
-    assert abs(ours - loss) <= 1e-5
-    for name, g in grads.items():
-        torch.testing.assert_close(our_grads[name], g, rtol=1e-4, atol=1e-7, msg=name)
-    monkeypatch.setattr(torch, "mm", mm)
-    loss, grads = cross_entropy_and_grads(model, x, y, chunked=False, dtype=torch.bfloat16)
-    ours, our_grads = cross_entropy_and_grads(model, x, y, chunked=True, dtype=torch.bfloat16)
-    assert abs(ours - loss) <= 1e-3
-    for name, g in grads.items():
-        assert (our_grads[name] - g).norm() <= 0.02 * g.norm(), name
-
-
-def test_chunked_loss_skips_the_gradients_nobody_needs(monkeypatch):
-    """No gradients under no_grad, and none for a frozen tied matrix (LoRA trains with it frozen):
-    the loss is the same, and h's gradient is still right. The loss's matrix products are counted:
-    the logits alone under no_grad, the logits and h's gradient with the matrix frozen."""
-    model = tiny_gpt(seed=5)
-    x, y = batch(B=2, T=16, seed=6), batch(B=2, T=16, seed=7)
-    products, mm, addmm_ = [], torch.mm, torch.Tensor.addmm_
-    monkeypatch.setattr(torch, "mm", lambda a, b, **out: products.append("mm") or mm(a, b, **out))
-    monkeypatch.setattr(torch.Tensor, "addmm_", lambda t, a, b: products.append("addmm_") or addmm_(t, a, b))
-    with torch.no_grad():
-        quiet = model(x, y)[1]
-    assert products == ["mm"]  # one chunk's logits
-    assert not quiet.requires_grad and torch.equal(quiet, cross_entropy_and_grads(model, x, y, chunked=True)[0])
-    products.clear()
-    model.transformer.wte.weight.requires_grad_(False)
-    loss, grads = cross_entropy_and_grads(model, x, y, chunked=False)
-    ours, our_grads = cross_entropy_and_grads(model, x, y, chunked=True)
-    assert products == ["mm", "mm"]  # the logits and h's gradient; the float32 matrix's would be addmm_
-    assert "transformer.wte.weight" not in our_grads and grads.keys() == our_grads.keys()
-    for name, g in grads.items():
-        torch.testing.assert_close(our_grads[name], g, rtol=1e-4, atol=1e-7, msg=name)
 
 
 def test_targets_may_be_a_slice_of_the_input():
@@ -456,9 +395,9 @@ def test_directory_without_files(tmp_path, missing):
 
 
 def rewrite_weights(directory, change):
-    tensors = gpt.read_safetensors(directory / "model.safetensors")
+    tensors = weightfiles.read_safetensors(directory / "model.safetensors")
     change(tensors)
-    gpt.write_safetensors(directory / "model.safetensors", tensors)
+    weightfiles.write_safetensors(directory / "model.safetensors", tensors)
 
 
 @pytest.mark.parametrize("change, message", [
@@ -541,88 +480,71 @@ def test_tensor_under_both_names_raises(tmp_path):
 def test_tokenizer_names_and_fetch_failures(monkeypatch):
     import requests
     import tiktoken
-    assert gpt.get_tokenizer("gpt2").encode("Hello world") == [15496, 995]  # GPT-2's own ids
-    assert gpt.get_tokenizer("cl100k_base").eot_token == 100257
+    assert datasets.get_tokenizer("gpt2").encode("Hello world") == [15496, 995]  # GPT-2's own ids
+    assert datasets.get_tokenizer("cl100k_base").eot_token == 100257
     with pytest.raises(ValueError, match="unknown tokenizer 'gpt5'.*cl100k_base"):
-        gpt.get_tokenizer("gpt5")
+        datasets.get_tokenizer("gpt5")
 
     def offline(name):
         raise requests.ConnectionError("no route to host")
     monkeypatch.setattr(tiktoken, "get_encoding", offline)
-    with pytest.raises(gpt.DownloadError, match="TIKTOKEN_CACHE_DIR"):
-        gpt.get_tokenizer("gpt2")
+    with pytest.raises(downloads.DownloadError, match="TIKTOKEN_CACHE_DIR"):
+        datasets.get_tokenizer("gpt2")
 
 
 def test_gpt_py_reads_in_order():
-    """Each section of gpt.py (opened by a `# ---- name` line, in the order its docstring gives)
-    uses only names defined in itself or above; only methods may call down, as GPT's
-    from_pretrained and save_pretrained do into the GPT-2 weights section."""
+    """gpt.py's parts (opened by a `# ==== Part N: name` line, as its docstring lists them) use
+    only names defined in themselves or above. Part I, the model, stands alone: it imports only
+    torch and the standard library, and run by itself it builds the same model, logits, loss and
+    generation as the whole file."""
     import ast
     import re
+    import sys
     source = Path(gpt.__file__).read_text()
-    starts = [(i + 1, m.group(1)) for i, line in enumerate(source.splitlines())
-              if (m := re.match(r"# -{20,} (\S.*)$", line))]
-    order = [name for _, name in starts]
-    assert " -> ".join(order[:3]) in gpt.__doc__ and order[-1] in gpt.__doc__.split("->")[-1]
+    lines = source.splitlines()
+    starts = [(i + 1, m.group(1)) for i, line in enumerate(lines) if (m := re.match(r"# =+ (Part \w+): ", line))]
+    assert [name for _, name in starts] == ["Part I", "Part II", "Part III"]
+    assert all(f"{name}, " in gpt.__doc__ for _, name in starts)
 
-    def section(lineno):
-        return [name for start, name in starts if start <= lineno][-1]
+    def part(lineno):
+        return [name for start, name in starts if start <= lineno][-1] if lineno >= starts[0][0] else "Part I"
+    order = [name for _, name in starts]
     tree = ast.parse(source)
     defined = {}
     for node in tree.body:
-        targets = [node.name] if isinstance(node, (ast.FunctionDef, ast.ClassDef)) else \
-            [t.id for t in getattr(node, "targets", []) if isinstance(t, ast.Name)]
-        defined.update((name, section(node.lineno)) for name in targets)
-    calls_down = {("GPT", "load_pretrained"), ("GPT", "write_pretrained")}
-    later = [(node.name if hasattr(node, "name") else node.lineno, use.id) for node in tree.body
-             for use in ast.walk(node) if isinstance(use, ast.Name) and use.id in defined
-             and order.index(defined[use.id]) > order.index(section(node.lineno))]
-    assert set(later) == calls_down
+        if isinstance(node, (ast.Import, ast.ImportFrom)):
+            names = [(a.asname or a.name).split(".")[0] for a in node.names]
+        elif isinstance(node, (ast.FunctionDef, ast.ClassDef)):
+            names = [node.name]
+        else:
+            names = [t.id for t in getattr(node, "targets", []) if isinstance(t, ast.Name)]
+        defined.update((name, part(node.lineno)) for name in names)
+    later = [(part(node.lineno), use.id) for node in tree.body for use in ast.walk(node)
+             if isinstance(use, ast.Name) and use.id in defined and order.index(defined[use.id]) > order.index(part(node.lineno))]
+    assert later == []
 
-
-@pytest.mark.parametrize("variant", VARIANTS, ids=lambda v: f"{v['pos_emb']}-{v['mlp']}")
-def test_cast_for_inference_keeps_norms_and_buffers_and_matches_float32(variant):
-    model = tiny_gpt(seed=23, **variant)
-    cast = tiny_gpt(seed=23, **variant).cast_for_inference(torch.bfloat16)
-    for name, p in cast.named_parameters():
-        assert p.dtype == (torch.float32 if ".ln_" in name or name.startswith("transformer.ln_f") else torch.bfloat16), name
-    assert cast.lm_head.weight is cast.transformer.wte.weight  # still one matrix
-    assert all(b.dtype == torch.float32 for b in cast.buffers())  # rope tables
-    x = batch()
-    with torch.no_grad():
-        exact = model(x)[0]
-        with torch.autocast("cpu", torch.bfloat16):
-            autocast_only = model(x)[0].float()
-            ours = cast(x)[0].float()
-    # bfloat16 keeps 8 bits of mantissa: both ways are as far from float32 as bfloat16 rounding puts them
-    scale = exact.abs().max()
-    assert (ours - exact).abs().max() < 0.05 * scale
-    assert (ours - exact).abs().max() < 2 * (autocast_only - exact).abs().max() + 1e-3 * scale
-    assert (ours.argmax(-1) == exact.argmax(-1)).float().mean() > 0.9
-
-
-def test_cast_for_inference_on_qlora_keeps_the_nf4_codes():
-    model = tiny_gpt(seed=29, n_embd=64)
-    gpt.quantize_model(model)
-    gpt.apply_lora(model, rank=4, alpha=8)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if name.endswith("lora_B"):
-                p.normal_(0, 0.1)  # an adapter that changes something
-    x = batch()
-    with torch.no_grad():
-        exact = model(x)[0]
-        buffers = {name: b.clone() for name, b in model.named_buffers()}
-        model.cast_for_inference(torch.bfloat16)
-        assert all(torch.equal(b, buffers[name]) and b.dtype == buffers[name].dtype for name, b in model.named_buffers())
-        assert all(p.dtype == torch.bfloat16 for name, p in model.named_parameters() if "lora_" in name)
-        with torch.autocast("cpu", torch.bfloat16):
-            ours = model(x)[0].float()
-    assert (ours - exact).abs().max() < 0.05 * exact.abs().max()
+    part_one = "\n".join(lines[:starts[1][0] - 1])
+    imported = {a.name.split(".")[0] for node in ast.walk(ast.parse(part_one)) if isinstance(node, ast.Import) for a in node.names}
+    imported |= {node.module.split(".")[0] for node in ast.walk(ast.parse(part_one)) if isinstance(node, ast.ImportFrom)}
+    assert imported - set(sys.stdlib_module_names) == {"torch"}
+    alone = {}
+    exec(compile(part_one, "gpt.py Part I", "exec"), alone)
+    config = dict(block_size=32, vocab_size=300, n_layer=2, n_head=2, n_embd=32)
+    torch.manual_seed(0)
+    ours = alone["GPT"](alone["GPTConfig"](**config)).eval()
+    torch.manual_seed(0)
+    whole = GPT(GPTConfig(**config)).eval()
+    x, y = batch(seed=2), batch(seed=3)
+    logits, loss = ours(x, y)
+    assert torch.equal(logits, whole(x, y)[0]) and torch.equal(loss, whole(x, y)[1])
+    torch.manual_seed(4)
+    sampled = ours.generate(x[:, :5], 8, temperature=1.0, top_k=20, top_p=0.9)
+    torch.manual_seed(4)
+    assert torch.equal(sampled, whole.generate(x[:, :5], 8, temperature=1.0, top_k=20, top_p=0.9))
 
 
 def test_bfloat16_generation_keeps_a_float32_cache_on_the_cpu(monkeypatch):
-    model = tiny_gpt(seed=31, block_size=64).cast_for_inference(torch.bfloat16)
+    model = speed.cast_for_inference(tiny_gpt(seed=31, block_size=64), torch.bfloat16)
     prompt = batch(B=2, T=5, seed=32)
     dtypes, update = set(), KVCache.update
 

@@ -5,6 +5,7 @@ import torch
 import torch.nn.functional as F
 
 import gpt
+from lib import weightfiles
 from gpt import GPT, GPTConfig
 
 # Appendix E of Dettmers et al. 2023, "QLoRA: Efficient Finetuning of Quantized LLMs"
@@ -185,7 +186,7 @@ def test_qlora_adapter_round_trip(tmp_path):
         for layer in gpt.lora_layers(model).values():
             layer.lora_B.normal_(std=0.02)
     gpt.save_adapter(model, tmp_path, base_model="tiny")
-    names = gpt.read_safetensors(tmp_path / "adapter.safetensors")
+    names = weightfiles.read_safetensors(tmp_path / "adapter.safetensors")
     assert all(n.endswith(gpt.LORA_SUFFIXES) for n in names)
     torch.manual_seed(0)
     fresh = GPT(GPTConfig(**CONFIG)).eval()

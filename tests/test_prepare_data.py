@@ -17,7 +17,7 @@ import tiktoken
 import prepare_data
 from conftest import ROOT
 from hub_mirror import HubMirror
-from data import read_tokens, token_dtype, write_tokens
+from lib import datasets
 from prepare_data import main
 
 GPT2 = tiktoken.get_encoding("gpt2")
@@ -42,7 +42,7 @@ def reference(docs, enc=GPT2):
 
 
 def tokens(path):
-    return read_tokens(path).tolist()
+    return datasets.read_tokens(path).tolist()
 
 
 @pytest.fixture
@@ -56,7 +56,7 @@ def small_blocks(monkeypatch):
 def hub(tmp_path, monkeypatch):
     monkeypatch.setenv("GPT2REF_CACHE", str(tmp_path / "cache"))
     monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
-    monkeypatch.setattr(prepare_data.gpt.time, "sleep", lambda s: None)  # retry backoff without waiting
+    monkeypatch.setattr(prepare_data.downloads.time, "sleep", lambda s: None)  # retry backoff without waiting
     with HubMirror() as mirror:
         monkeypatch.setenv("HF_ENDPOINT", mirror.url)
         yield mirror
@@ -76,10 +76,10 @@ def expect_fail(capsys, argv, *fragments):
 # ----------------------------------------------------------------------------- shard format
 
 def test_shards_round_trip_in_the_right_width(tmp_path):
-    assert token_dtype(50257) == np.uint16 and token_dtype(65536) == np.uint16 and token_dtype(65537) == np.uint32
-    write_tokens(tmp_path / "a.bin", [0, 1, 50256], 50257)
-    write_tokens(tmp_path / "b.bin", np.array([0, 65536, 100276]), 100277)
-    a, b = read_tokens(tmp_path / "a.bin"), read_tokens(tmp_path / "b.bin")
+    assert datasets.token_dtype(50257) == np.uint16 and datasets.token_dtype(65536) == np.uint16 and datasets.token_dtype(65537) == np.uint32
+    datasets.write_tokens(tmp_path / "a.bin", [0, 1, 50256], 50257)
+    datasets.write_tokens(tmp_path / "b.bin", np.array([0, 65536, 100276]), 100277)
+    a, b = datasets.read_tokens(tmp_path / "a.bin"), datasets.read_tokens(tmp_path / "b.bin")
     assert a.dtype == np.uint16 and a.tolist() == [0, 1, 50256]
     assert b.dtype == np.uint32 and b.tolist() == [0, 65536, 100276]
     header = np.fromfile(tmp_path / "b.bin", dtype="<i4", count=256)
@@ -87,12 +87,12 @@ def test_shards_round_trip_in_the_right_width(tmp_path):
     assert np.fromfile(tmp_path / "a.bin", dtype="<i4", count=3).tolist() == [20240520, 1, 3]
     assert (tmp_path / "a.bin").stat().st_size == 1024 + 3 * 2
     with pytest.raises(ValueError, match="70000"):  # never wrapped into uint16
-        write_tokens(tmp_path / "c.bin", [70000], 50257)
+        datasets.write_tokens(tmp_path / "c.bin", [70000], 50257)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a.bin", "b.bin"]
 
 
 def test_read_tokens_rejects_truncated_overlong_and_foreign_files(tmp_path):
-    write_tokens(tmp_path / "good.bin", np.arange(100), 50257)
+    datasets.write_tokens(tmp_path / "good.bin", np.arange(100), 50257)
     good = (tmp_path / "good.bin").read_bytes()
     header = np.frombuffer(good[:1024], dtype="<i4").copy()
     header[1] = 7
@@ -104,7 +104,7 @@ def test_read_tokens_rejects_truncated_overlong_and_foreign_files(tmp_path):
     for name, (data, fault) in cases.items():
         (tmp_path / name).write_bytes(data)
         with pytest.raises(ValueError, match=fault) as e:
-            read_tokens(tmp_path / name)
+            datasets.read_tokens(tmp_path / name)
         assert name in str(e.value)
 
 
@@ -133,7 +133,7 @@ def test_text_paragraphs_match_tiktoken(tmp_path, small_blocks):
     meta = json.loads((tmp_path / "out" / "meta.json").read_text())
     assert meta["tokenizer"] == "gpt2" and meta["vocab_size"] == 50257 and meta["eot_token"] == 50256
     assert meta["dtype"] == "uint16"
-    assert meta["splits"]["val"]["tokens"] == len(read_tokens(tmp_path / "out" / "val.bin"))
+    assert meta["splits"]["val"]["tokens"] == len(datasets.read_tokens(tmp_path / "out" / "val.bin"))
     assert meta["splits"]["train"]["sources"][0]["sha256"] == hashlib.sha256(text.encode()).hexdigest()
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["meta.json", "train.bin", "val.bin"]
 
@@ -180,7 +180,7 @@ def test_cl100k_base_is_stored_as_uint32(tmp_path):
     (tmp_path / "in.txt").write_text("\n\n".join(paras), encoding="utf-8")
     main(["text", f"--input={tmp_path / 'in.txt'}", "--tokenizer=cl100k_base", "--val_fraction=0.2",
           f"--out_dir={tmp_path / 'out'}"])
-    train, val = read_tokens(tmp_path / "out" / "train.bin"), read_tokens(tmp_path / "out" / "val.bin")
+    train, val = datasets.read_tokens(tmp_path / "out" / "train.bin"), datasets.read_tokens(tmp_path / "out" / "val.bin")
     assert train.dtype == np.uint32 and train.max() > 65535
     assert train.tolist() + val.tolist() == reference(paras, enc)  # the split falls between paragraphs here
     meta = json.loads((tmp_path / "out" / "meta.json").read_text())
@@ -250,7 +250,7 @@ def test_rerun_skips_and_force_redoes(tmp_path, hub):
     (out / "val.bin").write_bytes((out / "val.bin").read_bytes()[:-2])  # a damaged split is redone, alone
     main(["tinystories", f"--out_dir={out}"])
     assert (out / "train.bin").stat().st_ino == before["train.bin"][0]
-    assert len(read_tokens(out / "val.bin")) == json.loads((out / "meta.json").read_text())["splits"]["val"]["tokens"]
+    assert len(datasets.read_tokens(out / "val.bin")) == json.loads((out / "meta.json").read_text())["splits"]["val"]["tokens"]
 
     main(["tinystories", f"--out_dir={out}", "--force"])
     assert hub.requests == []  # the verified downloads are reused
@@ -297,7 +297,7 @@ def test_interrupted_run_keeps_the_finished_split_only(tmp_path, hub, monkeypatc
     assert (out / "train.bin").stat().st_ino == train  # the finished split was kept
     assert sorted(p.name for p in out.iterdir()) == ["meta.json", "train.bin", "val.bin"]
     meta = json.loads((out / "meta.json").read_text())
-    assert [meta["splits"][s]["tokens"] for s in ("train", "val")] == [len(read_tokens(out / f"{s}.bin"))
+    assert [meta["splits"][s]["tokens"] for s in ("train", "val")] == [len(datasets.read_tokens(out / f"{s}.bin"))
                                                                        for s in ("train", "val")]
 
 
@@ -421,5 +421,5 @@ def test_script_exits_2_without_traceback(tmp_path, argv, data, message):
 
 def test_the_named_datasets_are_the_ones_prepare_data_knows():
     """train.py's hint for a missing dataset (data.read_meta) names prepare_data.py's datasets."""
-    import data
-    assert set(prepare_data.DATASETS) == {*data.NAMED_DATASETS, "text"}
+    from lib import datasets
+    assert set(prepare_data.DATASETS) == {*datasets.NAMED_DATASETS, "text"}

@@ -7,7 +7,7 @@ import struct
 import pytest
 import torch
 
-from gpt import MAX_HEADER, read_safetensors, write_safetensors
+from lib import weightfiles
 
 safetensors_torch = pytest.importorskip("safetensors.torch")
 safe_open = pytest.importorskip("safetensors").safe_open
@@ -25,7 +25,7 @@ def f32(begin, end, shape=None):
 
 
 def valid_file(path):
-    write_safetensors(path, {"a": torch.arange(6, dtype=torch.float32).reshape(2, 3), "b": torch.ones(4)})
+    weightfiles.write_safetensors(path, {"a": torch.arange(6, dtype=torch.float32).reshape(2, 3), "b": torch.ones(4)})
     return path
 
 
@@ -35,7 +35,7 @@ MALFORMED = {
     "trailing bytes": (lambda p: p.write_bytes(valid_file(p).read_bytes() + b"\0" * 4), "file size"),
     "header length beyond the file": (lambda p: raw_file(p, {"a": f32(0, 8)}, bytes(8), length=500), "runs past"),
     "absurd header size": (lambda p: raw_file(p, {}, length=2 ** 62), "limit"),
-    "header just over the limit": (lambda p: raw_file(p, {}, length=MAX_HEADER + 1), "limit"),
+    "header just over the limit": (lambda p: raw_file(p, {}, length=weightfiles.MAX_HEADER + 1), "limit"),
     "not JSON": (lambda p: raw_file(p, b"{not json"), "not JSON"),
     "not UTF-8": (lambda p: raw_file(p, b"\xff\xfe{}"), "not JSON"),
     "not an object": (lambda p: raw_file(p, b"[1, 2]"), "not a JSON object"),
@@ -73,12 +73,12 @@ def test_malformed_file_raises_clear_error(tmp_path, make, message):
     path = tmp_path / "bad.safetensors"
     make(path)
     with pytest.raises(ValueError, match=re.escape(str(path))) as e:
-        read_safetensors(path)
+        weightfiles.read_safetensors(path)
     assert message in str(e.value)
 
 
 def test_valid_file_reads(tmp_path):
-    tensors = read_safetensors(valid_file(tmp_path / "ok.safetensors"))
+    tensors = weightfiles.read_safetensors(valid_file(tmp_path / "ok.safetensors"))
     assert torch.equal(tensors["a"], torch.arange(6, dtype=torch.float32).reshape(2, 3))
     assert torch.equal(tensors["b"], torch.ones(4))
 
@@ -87,7 +87,7 @@ def test_edge_shapes_read(tmp_path):
     """Empty tensors may have any dimension torch can hold (below 2**63), and a scalar has no shape."""
     scalar = {"dtype": "F32", "shape": [], "data_offsets": [0, 4]}
     path = raw_file(tmp_path / "x.safetensors", {"e": f32(0, 0, [2 ** 63 - 1, 0]), "s": scalar}, bytes(4))
-    tensors = read_safetensors(path)
+    tensors = weightfiles.read_safetensors(path)
     assert tensors["e"].shape == (2 ** 63 - 1, 0) and tensors["s"].shape == ()
 
 
@@ -117,7 +117,7 @@ def assert_same(a, b):
 
 def test_ours_written_reference_read(tmp_path):
     tensors = example_tensors()
-    write_safetensors(tmp_path / "x.safetensors", tensors, metadata={"format": "pt", "step": 3})
+    weightfiles.write_safetensors(tmp_path / "x.safetensors", tensors, metadata={"format": "pt", "step": 3})
     assert_same(safetensors_torch.load_file(tmp_path / "x.safetensors"), tensors)
     with safe_open(tmp_path / "x.safetensors", framework="pt") as f:
         assert f.metadata() == {"format": "pt", "step": "3"}
@@ -129,25 +129,25 @@ def test_ours_written_reference_read(tmp_path):
 def test_reference_written_ours_read(tmp_path):
     tensors = {k: v.contiguous() for k, v in example_tensors().items()}
     safetensors_torch.save_file(tensors, tmp_path / "x.safetensors", metadata={"format": "pt"})
-    assert_same(read_safetensors(tmp_path / "x.safetensors"), tensors)
+    assert_same(weightfiles.read_safetensors(tmp_path / "x.safetensors"), tensors)
 
 
 def test_read_tensors_are_independent_and_writable(tmp_path):
-    write_safetensors(tmp_path / "x.safetensors", {"a": torch.zeros(3), "b": torch.zeros(3)})
-    t = read_safetensors(tmp_path / "x.safetensors")
+    weightfiles.write_safetensors(tmp_path / "x.safetensors", {"a": torch.zeros(3), "b": torch.zeros(3)})
+    t = weightfiles.read_safetensors(tmp_path / "x.safetensors")
     t["a"] += 1
     assert torch.equal(t["b"], torch.zeros(3))
 
 
 def test_write_refuses_unsupported_dtype_and_leaves_nothing(tmp_path):
     with pytest.raises(ValueError, match="complex"):
-        write_safetensors(tmp_path / "x.safetensors", {"a": torch.zeros(2), "c": torch.zeros(2, dtype=torch.complex64)})
+        weightfiles.write_safetensors(tmp_path / "x.safetensors", {"a": torch.zeros(2), "c": torch.zeros(2, dtype=torch.complex64)})
     assert not list(tmp_path.iterdir())
 
 
 def test_write_replaces_atomically(tmp_path):
     path = tmp_path / "x.safetensors"
-    write_safetensors(path, {"a": torch.zeros(2)})
-    write_safetensors(path, {"b": torch.ones(5)})
-    assert_same(read_safetensors(path), {"b": torch.ones(5)})
+    weightfiles.write_safetensors(path, {"a": torch.zeros(2)})
+    weightfiles.write_safetensors(path, {"b": torch.ones(5)})
+    assert_same(weightfiles.read_safetensors(path), {"b": torch.ones(5)})
     assert [p.name for p in tmp_path.iterdir()] == ["x.safetensors"]

@@ -60,10 +60,11 @@ def test_prompt_from_file_and_several_samples(hf_dir, tmp_path):
 def library_samples(path, prompt, n, max_new_tokens, seed, dtype=torch.float32, **sampling):
     """What sample.py should print, computed with the library: n rows of one batch after the prompt."""
     from gpt import GPT
+    from lib import speed
     enc = tiktoken.get_encoding("gpt2")
     model = GPT.from_pretrained(str(path)).eval()
     if dtype != torch.float32:
-        model.cast_for_inference(dtype)
+        speed.cast_for_inference(model, dtype)
     torch.manual_seed(seed)  # as sample.py: once the model is built, just before generating
     idx = torch.tensor([enc.encode(prompt)] * n)
     with torch.autocast("cpu", dtype, enabled=dtype != torch.float32):

@@ -21,9 +21,10 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
-from cli import autocast, fail
-from data import wikitext_rows
-from gpt import DownloadError, exp_shifted_, hub_file, logit_chunks, web_file, web_path
+from lib.cli import autocast, fail
+from lib.datasets import wikitext_rows
+from lib.downloads import DownloadError, hub_file, web_file, web_path
+from lib.speed import exp_shifted_, logit_chunks
 
 # ----------------------------------------------------------------------------- the tasks' files
 

@@ -12,10 +12,12 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
+import tiktoken
 import torch
 
-from cli import fail
-from gpt import atomic_write
+from lib.cli import fail
+from lib.downloads import DownloadError
+from lib.files import atomic_write
 
 # ----------------------------------------------------------------------------- shard format
 
@@ -93,6 +95,20 @@ def read_tokens(path):
     if count == 0:
         return np.zeros(0, dtype=dtype.newbyteorder("<"))
     return np.memmap(path, dtype=dtype.newbyteorder("<"), mode="r", offset=HEADER_BYTES, shape=(count,))
+
+
+# ----------------------------------------------------------------------------- the tokenizer
+
+def get_tokenizer(name="gpt2"):
+    """A tiktoken encoding: gpt2 (GPT-2's BPE, 50257 ids) or e.g. cl100k_base (100k ids). tiktoken
+    fetches its BPE file on first use; an unknown name is a ValueError, a failed fetch a DownloadError."""
+    try:
+        return tiktoken.get_encoding(name)
+    except ValueError:
+        raise ValueError(f"unknown tokenizer {name!r}: choose one of {', '.join(tiktoken.list_encoding_names())}") from None
+    except OSError as e:  # requests' errors are OSErrors too
+        raise DownloadError(f"tiktoken could not fetch the {name} BPE file ({type(e).__name__}); without a network, "
+                            "set TIKTOKEN_CACHE_DIR to a folder that holds it") from None
 
 
 # ----------------------------------------------------------------------------- batches

@@ -1,0 +1,102 @@
+"""The model a script works on: a fresh one, GPT-2's weights, a checkpoint's, each with the LoRA or
+QLoRA adapters its settings ask for."""
+import os
+import sys
+
+import torch
+import torch.distributed as dist
+
+from gpt import GPT, GPTConfig, apply_lora, load_adapter, quantize_model, read_adapter_config
+from lib import checkpoints
+from lib.cli import fail
+from lib.downloads import DownloadError
+
+
+def check_adapters(cfg):
+    """Catch a bad LoRA/QLoRA setting before any weights are downloaded."""
+    if cfg["quantize"] not in ("none", "nf4"):
+        fail(f"--quantize={cfg['quantize']} is not one of none, nf4")
+    if cfg["quantize"] == "nf4" and not cfg["lora_rank"]:
+        fail("--quantize=nf4 freezes the weights in 4 bits: it needs --lora_rank > 0 to train anything")
+
+
+def add_adapters(model, cfg):
+    """With lora_rank > 0 only adapters train: the block weights go to NF4 if quantize is "nf4"
+    (QLoRA), then LoRA layers wrap them and everything else freezes. A resumed run does the same
+    before loading its checkpoint, so that the layers and their names match."""
+    rank, quantize = cfg.get("lora_rank", 0), cfg.get("quantize", "none")
+    if quantize == "nf4":
+        quantize_model(model, cfg.get("double_quant", True))
+    if rank:
+        torch.manual_seed(cfg["seed"])  # the adapters' random start, the same in every process
+        apply_lora(model, rank, cfg["lora_alpha"], cfg["lora_dropout"])
+    return model
+
+
+def model_from_checkpoint(ckpt, cfg=None):
+    """The trained model of a checkpoint (with its adapters, if it has any), on the CPU. cfg, when
+    given, is a resumed run's settings: its dropout and lora_dropout replace the saved ones. Under
+    torchrun only rank 0 reads the weights; checkpoints.restore broadcasts them to the others' models."""
+    if "model" not in ckpt:  # finetune_alpaca.py keeps a LoRA run's adapters alone
+        fail(f"this checkpoint holds LoRA adapters only: load them with --init_from={ckpt['config']['init_from']} "
+             f"--adapter=<its out_dir>")
+    args, settings = ckpt["model_args"], ckpt["config"]
+    if cfg is not None:
+        args = {**args, "dropout": cfg["dropout"]}
+        settings = {**settings, "lora_dropout": cfg.get("lora_dropout", settings.get("lora_dropout"))}
+    model = add_adapters(GPT(GPTConfig(**args)), settings)
+    if not dist.is_initialized() or dist.get_rank() == 0:
+        model.load_state_dict(ckpt["model"])
+    return model
+
+
+def build_model(c, vocab_size, ckpt):
+    """The model to train: the checkpoint's, a fresh one, or GPT-2's weights."""
+    if ckpt is not None:
+        model = model_from_checkpoint(ckpt, vars(c))
+    elif c.init_from == "scratch":
+        torch.manual_seed(c.seed)  # the same initial weights in every process
+        try:
+            model = GPT(GPTConfig(block_size=c.block_size, vocab_size=vocab_size, n_layer=c.n_layer,
+                                  n_head=c.n_head, n_embd=c.n_embd, dropout=c.dropout, bias=c.bias,
+                                  pos_emb=c.pos_emb, mlp=c.mlp))
+        except ValueError as e:
+            fail(str(e))
+    else:
+        try:
+            model = GPT.from_pretrained(c.init_from, dropout=c.dropout)
+        except (ValueError, FileNotFoundError, DownloadError) as e:
+            fail(f"--init_from={c.init_from}: {e}")
+    if ckpt is None:
+        add_adapters(model, vars(c))
+    if vocab_size > model.config.vocab_size:
+        fail(f"the dataset's vocabulary ({vocab_size}) is larger than the model's ({model.config.vocab_size})")
+    return model
+
+
+def load_model(cfg):
+    """The model to sample from or training.evaluate, and the name of its tokenizer, from the settings
+    init_from (a gpt2* name, a local HF directory, resume: out_dir/ckpt.pt, or "": gpt2 or the
+    adapter's base), adapter and tokenizer. On the CPU."""
+    if cfg["init_from"] == "resume":  # out_dir/ckpt.pt of a train.py run or of a full fine-tune
+        if cfg["adapter"]:
+            fail("--adapter goes with a base model (--init_from=gpt2, ...), not with --init_from=resume")
+        ckpt = checkpoints.load(os.path.join(cfg["out_dir"], "ckpt.pt"))
+        return model_from_checkpoint(ckpt), ckpt["tokenizer"]
+    adapter_error = f"cannot load the adapter in {cfg['adapter']}"
+    try:
+        base = read_adapter_config(cfg["adapter"])["base_model"] if cfg["adapter"] else "gpt2"
+    except (OSError, ValueError) as e:
+        fail(f"{adapter_error}: {e}")
+    try:
+        model = GPT.from_pretrained(cfg["init_from"] or base)
+    except (ValueError, FileNotFoundError, DownloadError) as e:
+        fail(str(e))
+    if cfg["adapter"]:
+        try:
+            load_adapter(model, cfg["adapter"])
+        except (OSError, ValueError) as e:
+            fail(f"{adapter_error}: {e}")
+    if cfg["init_from"] and cfg["adapter"] and base != cfg["init_from"]:
+        print(f"note: the adapter was trained on {base}, it is applied to {cfg['init_from']}", file=sys.stderr)
+    return model, cfg["tokenizer"]

@@ -1,0 +1,48 @@
+"""Stopping a run cleanly: Ctrl-C and SIGTERM finish the step and write a checkpoint, every process
+agreeing on when; and the line that says how to go on."""
+import os
+import signal
+from contextlib import contextmanager
+
+import torch
+import torch.distributed as dist
+
+
+@contextmanager
+def stop_signals(announce=True):
+    """Within it, Ctrl-C (SIGINT) and SIGTERM, which clusters send before they preempt a job, do
+    not stop the run at once: they are recorded in the list it yields, and the training loop
+    finishes its step, writes a checkpoint and exits. A second one stops at once, which is safe too:
+    checkpoints are written atomically, so the last one is whole."""
+    caught = []
+
+    def handler(signum, frame):
+        if caught:
+            os.write(2, b"stopped at once; the last checkpoint is whole\n")
+            os._exit(128 + signum)
+        caught.append(signum)
+        if announce:
+            os.write(2, f"{signal.Signals(signum).name}: stopping after this step (again to stop at once)\n".encode())
+
+    previous = {sig: signal.signal(sig, handler) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield caught
+    finally:
+        for sig, old in previous.items():
+            signal.signal(sig, old)
+
+
+def agreed_stop(caught, world_size, device):
+    """The signal to stop on, or 0, the same in every process: a signal reaches torchrun's processes
+    at different moments, so they take the largest any of them has caught, once per iteration."""
+    if world_size == 1:
+        return caught[0] if caught else 0
+    flag = torch.tensor(caught[0] if caught else 0, device=device)
+    dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+    return int(flag.item())
+
+
+def stop_message(it, ckpt_path, script, out_dir, world_size):
+    launcher = f"torchrun --standalone --nproc_per_node={world_size}" if world_size > 1 else "python"
+    return (f"stopped at iteration {it}; checkpoint in {ckpt_path}; resume with: "
+            f"{launcher} {script} --init_from=resume --out_dir={out_dir}")
