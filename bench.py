@@ -298,11 +298,11 @@ def bench_tokenize(mb=200, repeat=2):
 def bench_train(steps=5, n_layer=6, n_head=6, n_embd=384, block_size=256, batch_size=8):
     """Training throughput at a fixed shape (GPT-2 vocabulary, random tokens, AdamW, clipping) in
     float32 and, where cli.pick_dtype picks it on this CPU, bfloat16 autocast (elsewhere bfloat16
-    is emulated, many times slower than float32), through training.train_step as train.py runs it;
-    MFU against the matmul peak of the same dtype measured just before, and the MFU a step would
+    is emulated, many times slower than float32), through training.train_step, with glibc's malloc
+    as it comes (the loss section measures train.py's allocator setting); MFU against the matmul peak of the same dtype measured just before, and the MFU a step would
     reach if it spent time in its matmuls alone (profiled), which no other change can pass without
     faster matmuls (goal, issue 14: bfloat16 at least 75%), or in its matmuls, attention, GELU and
-    the softmax's exp alone, at the speed of PyTorch's kernels for them; the model's chunked loss
+    the softmax's exp alone, at the speed of PyTorch's kernels for them; lib/speed.py's chunked loss
     against F.cross_entropy over every logit (a forward and backward pass each); transformers'
     GPT2LMHeadModel at the same shape, dtype, optimizer and clipping is the bar to meet."""
     torch.manual_seed(0)
@@ -335,10 +335,9 @@ def bench_train(steps=5, n_layer=6, n_head=6, n_embd=384, block_size=256, batch_
                  (f"{dtype} MFU bound: the matmuls, attention, GELU and exp alone", 100 * flops / in_needed / peak,
                   "%")]
 
-        def backward(plain):  # the loss of model(x, y), chunked, or F.cross_entropy over all the logits
+        def backward(plain):  # the loss of GPT's forward, F.cross_entropy over all the logits, or ChunkedLossGPT's
             with cli.autocast("cpu", dtype):
-                loss = (torch.nn.functional.cross_entropy(model(x)[0].flatten(0, 1).float(), y.flatten()) if plain
-                        else model(x, y)[1])
+                loss = (GPT if plain else speed.ChunkedLossGPT).forward(model, x, y)[1]
             loss.backward()
             model.zero_grad(set_to_none=True)
         best = {False: float("inf"), True: float("inf")}
@@ -711,6 +710,7 @@ BENCHES = {"generate": bench_generate, "finetune": bench_finetune, "tokenize": b
            "parallel": bench_parallel, "eval": bench_eval}
 
 # ----------------------------------------------------------------------------- defaults
+# A note like `>= 1` or `[0, 1)` after a setting is its range, which lib/cli.py enforces.
 DEFAULTS = {
     "only": "",                 # sections, comma-separated: generate, finetune, tokenize, train, parallel, eval; "": all
     "out": "bench.json",        # where the figures go

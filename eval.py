@@ -27,6 +27,7 @@ import torch.distributed as dist
 from lib import benchmarks, cli, datasets, downloads, files, models, processes, speed
 
 # ----------------------------------------------------------------------------- defaults
+# A note like `>= 1` or `[0, 1)` after a setting is its range, which lib/cli.py enforces.
 # the model
 init_from = ""            # gpt2 | gpt2-medium | ... | a local HF directory | resume; "": gpt2, or the adapter's base
 out_dir = "out"           # eval.json is written here; --init_from=resume reads ckpt.pt from here

@@ -11,15 +11,16 @@
 An example is a prompt, then the response followed by <|endoftext|>. The prompt is Stanford
 Alpaca's template, verbatim, then one newline: the template ends with "### Response:" and the
 response starts on the next line. sample.py --instruction builds its prompt with the same
-data.alpaca_prompt(), so the model sees at inference exactly what it saw in training. Prompt and
+datasets.alpaca_prompt(), so the model sees at inference exactly what it saw in training. Prompt and
 response are tokenized separately, so the boundary between them is a token boundary; the loss
 skips the prompt (label -100, unless --mask_prompt=False) and the padding, and counts the
 <|endoftext|>, so the model learns to stop. Examples longer than max_seq_len tokens (prompt,
 response and <|endoftext|>) are dropped, not truncated: a cut response would teach the model to
 stop mid-sentence, or never. Batches are padded to their longest example only.
 
-Training uses train.py's pieces, from training.py: the LR schedule, AdamW, the optimizer step
-(gradient accumulation, clipping, AMP, GradScaler), evaluation, atomic checkpoints, log and plot.
+Training uses train.py's pieces from lib/: the LR schedule, AdamW and the optimizer step (gradient
+accumulation, clipping, AMP, GradScaler) and evaluation in training.py, atomic checkpoints, stops,
+the log and its plot; its loop is train.py's.
 As there, the batch of every micro-step is a pure function of (seed, iteration, index), so a
 resumed run repeats an uninterrupted one exactly. A LoRA run writes out_dir/adapter.safetensors
 + adapter.json (a few MB); a full fine-tune writes the whole model into out_dir/ckpt.pt;
@@ -29,16 +30,15 @@ import functools
 import json
 import math
 import os
-import time
 from types import SimpleNamespace
 
 import torch
-import torch.distributed as dist
 
 import gpt
-from lib import checkpoints, cli, datasets, downloads, logs, measure, models, processes, stops, training
+from lib import checkpoints, cli, datasets, downloads, logs, measure, models, processes, speed, stops, training
 
 # ----------------------------------------------------------------------------- defaults
+# A note like `>= 1` or `[0, 1)` after a setting is its range, which lib/cli.py enforces.
 init_from = "gpt2"        # gpt2 | gpt2-medium | gpt2-large | gpt2-xl | a local HF directory | resume
 out_dir = "out-alpaca"
 # data
@@ -78,6 +78,7 @@ device = "auto"           # auto (cuda > mps > cpu) | cpu | cuda | cuda:1 | mps
 dtype = "auto"            # auto | float32 | bfloat16 | float16
 fsdp = False              # under torchrun, shard weights, gradients and AdamW's state over the processes (else DDP)
 activation_checkpointing = False  # recompute each block's activations in the backward pass instead of keeping them
+chunked_loss = False      # the loss without the (batch, length, vocab) logits (lib/speed.py): less memory; slower on a CPU
 seed = 1337               # [0, 2**63)
 # -----------------------------------------------------------------------------
 DEFAULTS = {k: v for k, v in globals().items() if not k.startswith("_") and isinstance(v, (int, float, str))}
@@ -263,6 +264,7 @@ def main(argv=None):
             ckpt, c.gradient_accumulation_steps, world_size)
     dtype = cli.pick_dtype(c.dtype, device)
     processes.check_fsdp(c.fsdp, c.quantize, dtype)
+    speed.keep_freed_memory()
     try:
         enc = datasets.get_tokenizer("gpt2")
     except downloads.DownloadError as e:
@@ -317,7 +319,7 @@ def main(argv=None):
         checkpoints.save(ckpt_path, state)
 
     it = start_iter
-    t_last, it_last, tokens = time.perf_counter(), it, 0
+    clock, tokens = measure.Clock(it), 0
     with stops.stop_signals(announce=master) as caught:
         while True:
             if training.due_for_eval(it, c.eval_interval, c.max_iters, ckpt, start_iter):
@@ -329,18 +331,13 @@ def main(argv=None):
                         responses = [{**r, "response": respond(model, enc, r, c.sample_tokens, device, step_dtype,
                                                                stop_early=not sharded)} for r in held_out]
                 if master:
-                    print(logs.eval_line(it, losses, best_val_loss))
-                    for r in responses:
-                        print(f"  {r['instruction']!r} -> {r['response']!r}")
-                    logs.log_record(log_path, {"iter": it, "train_loss": losses["train"],
-                                                   "val_loss": losses["val"], "best_val_loss": best_val_loss,
-                                                   "responses": responses})
-                    logs.plot_log(log_path, os.path.join(c.out_dir, "loss.png"))
+                    shown = "".join(f"\n  {r['instruction']!r} -> {r['response']!r}" for r in responses)
+                    logs.log_eval(log_path, it, losses, best_val_loss, {"responses": responses}, printed=shown)
                 checkpoint(it)
-                t_last, it_last, tokens = time.perf_counter(), it, 0
+                clock.restart(it)  # evaluation time is not training time
+                tokens = 0
             if it >= c.max_iters:
                 break
-
             step_lr = training.lr_at(it, lr, lr / 10, c.warmup_iters, c.max_iters)
             loss = training.train_step(trained, optimizer, scaler, get_batch, it, step_lr,
                                        grad_accum=c.gradient_accumulation_steps, rank=rank, world_size=world_size,
@@ -348,22 +345,17 @@ def main(argv=None):
             tokens += step_tokens(it)
             if it % c.log_interval == 0:
                 loss = processes.mean_over_ranks(loss, world_size)
-                seconds = time.perf_counter() - t_last
-                record = {"iter": it, "loss": loss, "lr": step_lr, "tokens_per_s": tokens / seconds,
-                          "ms": 1000 * seconds / (it + 1 - it_last), "mem": measure.memory_mb(device)}
+                steps = it + 1 - clock.it
+                seconds = clock.lap(it)
                 if master:
-                    logs.log_step(log_path, record)
-                t_last, it_last, tokens = time.perf_counter(), it + 1, 0
+                    logs.log_step(log_path, {"iter": it, "loss": loss, "lr": step_lr, "tokens_per_s": tokens / seconds / steps,
+                                             "ms": 1000 * seconds, "mem": measure.memory_mb(device)})
+                tokens = 0
             it += 1
             stop = stops.agreed_stop(caught, world_size, device)
             if stop and it < c.max_iters:
                 checkpoint(it, evaluated=False)
-                if master:
-                    print(stops.stop_message(it, ckpt_path, "finetune_alpaca.py", c.out_dir, world_size),
-                          flush=True)
-                if world_size > 1:
-                    dist.barrier()  # no process may exit while the checkpoint is being written
-                processes.exit_ddp(128 + stop)
+                stops.exit_resumable(stop, it, c.out_dir, "finetune_alpaca.py", world_size, master)
     if master:
         print(f"done: {c.max_iters} iterations; checkpoint in {ckpt_path}, log in {log_path}")
     if c.merge:

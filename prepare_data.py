@@ -325,6 +325,7 @@ def fetch(source):
 
 
 # ----------------------------------------------------------------------------- defaults
+# A note like `>= 1` or `[0, 1)` after a setting is its range, which lib/cli.py enforces.
 DEFAULTS = {
     "dataset": "",              # or the first argument: tinystories, shakespeare, wikitext103, wikitext2, text
     "out_dir": "",              # default data/<dataset>

@@ -20,6 +20,7 @@ from tqdm import tqdm
 from lib import cli, datasets, downloads, models, speed, text, webpage
 
 # ----------------------------------------------------------------------------- defaults
+# A note like `>= 1` or `[0, 1)` after a setting is its range, which lib/cli.py enforces.
 init_from = ""          # gpt2 | gpt2-medium | ... | a local HF directory | resume; "": gpt2, or the adapter's base
 out_dir = "out"         # where --init_from=resume finds ckpt.pt
 start = ""              # the prompt, or FILE:path to read it from a file; empty starts from <|endoftext|>

@@ -9,24 +9,24 @@
     python train.py --init_from=gpt2 --dataset=wikitext2 --lora_rank=8 --quantize=nf4   # QLoRA
 
 Settings: the defaults below, then config files given as bare arguments, then --key=value.
-The pieces (batches in data.py; the LR schedule, AdamW, DDP and FSDP, one optimizer step,
-evaluation, checkpoints, the log and its plot in training.py) are plain functions, which
-finetune_alpaca.py uses too; main() below strings them together into the training loop.
+main() sets up the data, the model and the optimizer, then runs the training loop. The machinery
+it calls lives in lib/, one module per mechanism, named where it is used: datasets (batches),
+training (one optimizer step, evaluation), processes (DDP, FSDP), checkpoints (save, exact
+resume), stops (Ctrl-C, SIGTERM), logs and measure (MFU, memory). finetune_alpaca.py uses them too.
 
 A batch is a pure function of (seed, iteration, micro-batch index), and so is the dropout noise:
 one process accumulating G micro-batches and G processes taking one each compute the same step,
 and a resumed run repeats an uninterrupted one bit for bit, with no random state to carry over.
 """
 import os
-import time
 from types import SimpleNamespace
 
 import torch
-import torch.distributed as dist
 
-from lib import benchmarks, checkpoints, cli, datasets, downloads, logs, measure, models, processes, stops, training
+from lib import benchmarks, checkpoints, cli, datasets, downloads, logs, measure, models, processes, speed, stops, training
 
 # ----------------------------------------------------------------------------- defaults
+# A note like `>= 1` or `[0, 1)` after a setting is its range, which lib/cli.py enforces.
 # I/O
 out_dir = "out"
 eval_interval = 250       # >= 1; evaluate, sample, plot and checkpoint every this many iterations
@@ -54,7 +54,7 @@ dropout = 0.0             # [0, 1)
 bias = True
 pos_emb = "learned"       # learned | rope
 mlp = "gelu"              # gelu | swiglu
-# parameter-efficient training: LoRA adapters on frozen weights (gpt.py's lora and nf4 sections)
+# parameter-efficient training: LoRA adapters on frozen weights (gpt.py's Part III)
 lora_rank = 0             # >= 0; 0: train every weight
 lora_alpha = 16.0         # > 0; the update is scaled by lora_alpha / lora_rank
 lora_dropout = 0.05       # [0, 1)
@@ -73,6 +73,7 @@ min_lr = 6e-5             # >= 0
 device = "auto"           # auto (cuda > mps > cpu) | cpu | cuda | cuda:1 | mps
 dtype = "auto"            # auto | float32 | bfloat16 | float16 (float16 adds a GradScaler)
 compile = False           # torch.compile the model
+chunked_loss = False      # the loss without the (batch, block, vocab) logits (lib/speed.py): less memory; slower on a CPU
 fsdp = False              # under torchrun, shard weights, gradients and AdamW's state over the processes (else DDP)
 activation_checkpointing = False  # recompute each block's activations in the backward pass instead of keeping them
 seed = 1337               # [0, 2**63)
@@ -83,49 +84,88 @@ MODEL_KEYS = ("n_layer", "n_head", "n_embd", "block_size", "bias", "pos_emb", "m
               "lora_rank", "lora_alpha", "quantize")
 
 
-def main(argv=None):
-    cfg, ckpt = checkpoints.run_config(DEFAULTS, MODEL_KEYS, argv, __doc__, __file__)
-    ckpt_path = os.path.join(cfg["out_dir"], "ckpt.pt")
-    c = SimpleNamespace(**cfg)
-    models.check_adapters(cfg)
+def check(c):
+    """The settings that cannot go together, refused before anything is loaded; the eval tasks' names."""
+    models.check_adapters(vars(c))
     if c.compile and c.activation_checkpointing and (c.dropout or c.lora_rank and c.lora_dropout):
         cli.fail("--activation_checkpointing with --compile recomputes dropout with other masks than the forward "
-             "pass drew (torch.compile does not replay the random state), so the gradients would be wrong: "
-             "use --dropout=0 (and --lora_dropout=0), or --compile=False")
+                 "pass drew (torch.compile does not replay the random state), so the gradients would be wrong: "
+                 "use --dropout=0 (and --lora_dropout=0), or --compile=False")
     task_names = benchmarks.parse_tasks(c.eval_tasks, "--eval_tasks")
     if any(name in benchmarks.WIKITEXT for name in task_names):
         datasets.require_pyarrow()
     cli.writable_dir(c.out_dir)
+    return task_names
 
-    rank, world_size, device = processes.setup_ddp(cli.pick_device(c.device))
-    if ckpt is not None:
-        cfg["gradient_accumulation_steps"] = c.gradient_accumulation_steps = checkpoints.resumed_accumulation(
-            ckpt, c.gradient_accumulation_steps, world_size)
-    master = rank == 0  # only the first process writes files and prints
-    dtype = cli.pick_dtype(c.dtype, device)
-    processes.check_fsdp(c.fsdp, c.quantize, dtype)
-    if device.startswith("cuda"):
-        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
-    folder = os.path.join(c.data_dir, c.dataset)
-    meta = datasets.read_meta(folder, c.block_size)
-    get_batch = datasets.batch_loader(folder, c.batch_size, c.block_size, device, c.seed)
+
+def tokenizer(meta):
     try:
-        enc = datasets.get_tokenizer(meta["tokenizer"])
+        return datasets.get_tokenizer(meta["tokenizer"])
     except (ValueError, downloads.DownloadError) as e:
         cli.fail(str(e))
-    prompt = enc.encode(c.sample_prompt, allowed_special={"<|endoftext|>"}) if c.sample_prompt else [enc.eot_token]
 
-    with processes.rank_zero_first():  # GPT-2's weights and the benchmarks' files are downloaded once
-        model = models.build_model(c, meta["vocab_size"], ckpt).to(device)
-        tasks = [benchmarks.load_task(name, enc, model.config, limit=c.eval_limit) for name in task_names]
+
+def evaluation_prompt(c, enc, model):
+    """The tokens each evaluation's sample starts from, checked against the model's vocabulary and context."""
     if c.block_size > model.config.block_size:
         cli.fail(f"--block_size={c.block_size} is longer than the model's context of {model.config.block_size}")
+    prompt = enc.encode(c.sample_prompt, allowed_special={"<|endoftext|>"}) if c.sample_prompt else [enc.eot_token]
     vocab = model.config.vocab_size
     if c.sample_tokens and max(prompt) >= vocab:  # a dataset may use only the first ids of its tokenizer
         cli.fail(f"--sample_prompt={c.sample_prompt!r} has token ids beyond the model's vocabulary of {vocab}"
-             if c.sample_prompt else
-             f"the evaluation sample starts from <|endoftext|> (id {enc.eot_token}), beyond the model's vocabulary "
-             f"of {vocab} (meta.json's vocab_size): give a --sample_prompt within it, or --sample_tokens=0")
+                 if c.sample_prompt else
+                 f"the evaluation sample starts from <|endoftext|> (id {enc.eot_token}), beyond the model's vocabulary "
+                 f"of {vocab} (meta.json's vocab_size): give a --sample_prompt within it, or --sample_tokens=0")
+    return prompt
+
+
+def benchmark_scores(model, tasks, batch_size, sharded, rank, world_size, device, dtype):
+    """{task_metric: value} for the --eval_tasks. They are scored past forward(), like generation:
+    under FSDP the top-level weights are gathered by hand."""
+    scores = {}
+    with processes.gathered(model, sharded):
+        for task in tasks:
+            for metric, value in benchmarks.run_task(model, task, batch_size, rank, world_size, device, dtype).items():
+                scores[f"{task.name}_{metric}"] = value
+    return scores
+
+
+def sample(model, enc, prompt, c, sharded, device, dtype):
+    """The sample text of an evaluation, from a fixed seed, so that samples compare. Under FSDP
+    every process generates it: the forward passes gather weights from all of them."""
+    if not c.sample_tokens:
+        return ""
+    torch.manual_seed(c.seed)
+    with processes.gathered(model, sharded), cli.autocast(device, dtype):
+        out = model.eval().generate(torch.tensor([prompt], device=device), c.sample_tokens, temperature=0.8, top_k=200)
+    model.train()
+    return enc.decode(out[0, len(prompt):].tolist())
+
+
+def main(argv=None):
+    cfg, ckpt = checkpoints.run_config(DEFAULTS, MODEL_KEYS, argv, __doc__, __file__)
+    c = SimpleNamespace(**cfg)
+    task_names = check(c)
+    rank, world_size, device = processes.setup_ddp(cli.pick_device(c.device))
+    master = rank == 0  # only the first process writes files and prints
+    if ckpt is not None:
+        cfg["gradient_accumulation_steps"] = c.gradient_accumulation_steps = checkpoints.resumed_accumulation(
+            ckpt, c.gradient_accumulation_steps, world_size)
+    dtype = cli.pick_dtype(c.dtype, device)
+    processes.check_fsdp(c.fsdp, c.quantize, dtype)
+    speed.keep_freed_memory()
+    if device.startswith("cuda"):
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+
+    # the data, the model, the optimizer
+    folder = os.path.join(c.data_dir, c.dataset)
+    meta = datasets.read_meta(folder, c.block_size)
+    get_batch = datasets.batch_loader(folder, c.batch_size, c.block_size, device, c.seed)
+    enc = tokenizer(meta)
+    with processes.rank_zero_first():  # GPT-2's weights and the benchmarks' files are downloaded once
+        model = models.build_model(c, meta["vocab_size"], ckpt).to(device)
+        tasks = [benchmarks.load_task(name, enc, model.config, limit=c.eval_limit) for name in task_names]
+    prompt = evaluation_prompt(c, enc, model)
     model.activation_checkpointing = c.activation_checkpointing
     sharded = c.fsdp and world_size > 1
     step_dtype = processes.shard_model(model, device, dtype) if sharded else dtype  # what autocast casts to
@@ -135,89 +175,58 @@ def main(argv=None):
     start_iter, best_val_loss = checkpoints.restore(ckpt, model, optimizer, scaler, log_path, write_files=master)
     fast = torch.compile(model) if c.compile else model  # checkpoints come from model: no _orig_mod. keys
     trained = processes.data_parallel(fast, world_size, sharded, device)
-    wandb_run = None
-    if c.wandb_log and master:
-        import wandb
-        wandb_run = wandb.init(project=c.wandb_project, name=c.wandb_run_name, config=cfg)
-
+    wandb_run = logs.start_wandb(c.wandb_project, c.wandb_run_name, cfg) if c.wandb_log and master else None
     tokens_per_iter = world_size * c.gradient_accumulation_steps * c.batch_size * c.block_size
     flops_per_iter = measure.flops_per_token(model.config, model.num_params(), c.block_size) * tokens_per_iter
     peak = c.peak_flops or measure.matmul_flops(device, dtype)
-    decay_iters = c.lr_decay_iters or c.max_iters
     if master:
-        print(f"{model.num_params() / 1e6:.2f}M parameters, {tokens_per_iter:,} tokens per iteration, "
-              f"{world_size} process(es) ({processes.split_name(world_size, sharded)}) on {device}, {dtype}, peak {peak / 1e12:.3f} TFLOP/s for MFU\n"
-              f"{processes.held_per_process(model)}", flush=True)
+        print(f"{model.num_params() / 1e6:.2f}M parameters, {tokens_per_iter:,} tokens per iteration, {world_size} "
+              f"process(es) ({processes.split_name(world_size, sharded)}) on {device}, {dtype}, peak "
+              f"{peak / 1e12:.3f} TFLOP/s for MFU\n{processes.held_per_process(model)}", flush=True)
 
     def checkpoint(it, evaluated=True):
         """Every process takes part (FSDP gathers the shards); rank 0 writes."""
         model_state, optimizer_state = checkpoints.full_state(model, optimizer)
         if master:
-            checkpoints.save(ckpt_path, {"model": model_state, **checkpoints.run_state(
+            checkpoints.save(os.path.join(c.out_dir, "ckpt.pt"), {"model": model_state, **checkpoints.run_state(
                 optimizer_state, scaler, it, best_val_loss, cfg, model, meta["tokenizer"], log_path,
                 script="train.py", world_size=world_size, evaluated=evaluated)})
 
-    def sample():
-        """The sample text of an evaluation, from a fixed seed, so that samples compare. Under FSDP
-        every process generates it: the forward passes gather weights from all of them."""
-        torch.manual_seed(c.seed)
-        with processes.gathered(model, sharded), cli.autocast(device, step_dtype):
-            out = model.eval().generate(torch.tensor([prompt], device=device), c.sample_tokens, temperature=0.8,
-                                        top_k=200)
-        model.train()
-        return enc.decode(out[0, len(prompt):].tolist())
-
+    # the training loop
     it = start_iter
-    t_last, it_last = time.perf_counter(), it
+    clock = measure.Clock(it)
     with stops.stop_signals(announce=master) as caught:
         while True:
             if training.due_for_eval(it, c.eval_interval, c.max_iters, ckpt, start_iter):
                 losses = training.evaluate(fast, get_batch, c.eval_iters, rank, world_size, device, step_dtype)
                 best_val_loss = min(best_val_loss, losses["val"])
-                scores = {}
-                with processes.gathered(model, sharded):  # the benchmarks score past forward(), like generation
-                    for task in tasks:
-                        for metric, value in benchmarks.run_task(model, task, c.batch_size, rank, world_size, device,
-                                                      step_dtype).items():
-                            scores[f"{task.name}_{metric}"] = value
-                text = sample() if c.sample_tokens and (master or sharded) else ""
+                scores = benchmark_scores(model, tasks, c.batch_size, sharded, rank, world_size, device, step_dtype)
+                text = sample(model, enc, prompt, c, sharded, device, step_dtype) if master or sharded else ""
                 if master:
-                    shown = "".join(f", {k} {v:.4f}" for k, v in scores.items() if isinstance(v, float))
-                    print(f"{logs.eval_line(it, losses, best_val_loss)}{shown}, sample: {text!r}", flush=True)
-                    logs.log_record(log_path, {"iter": it, "train_loss": losses["train"], "val_loss": losses["val"],
-                                          "best_val_loss": best_val_loss, **scores, "sample": text}, wandb_run)
-                    logs.plot_log(log_path, os.path.join(c.out_dir, "loss.png"))
+                    logs.log_eval(log_path, it, losses, best_val_loss, {**scores, "sample": text}, wandb_run,
+                                  printed=f", sample: {text!r}")
                 checkpoint(it)
-                t_last, it_last = time.perf_counter(), it  # evaluation time is not training time
+                clock.restart(it)  # evaluation time is not training time
             if it >= c.max_iters:
                 break
-
-            lr = training.lr_at(it, c.learning_rate, c.min_lr, c.warmup_iters, decay_iters)
+            lr = training.lr_at(it, c.learning_rate, c.min_lr, c.warmup_iters, c.lr_decay_iters or c.max_iters)
             loss = training.train_step(trained, optimizer, scaler, get_batch, it, lr, grad_accum=c.gradient_accumulation_steps,
-                              rank=rank, world_size=world_size, device=device, dtype=step_dtype, grad_clip=c.grad_clip,
-                              seed=c.seed)
+                                       rank=rank, world_size=world_size, device=device, dtype=step_dtype,
+                                       grad_clip=c.grad_clip, seed=c.seed)
             if it % c.log_interval == 0:
-                loss = processes.mean_over_ranks(loss, world_size)  # waits for the step to finish: the timing is honest
-                seconds = (time.perf_counter() - t_last) / (it + 1 - it_last)
-                t_last, it_last = time.perf_counter(), it + 1
-                record = {"iter": it, "loss": loss, "lr": lr, "tokens_per_s": tokens_per_iter / seconds,
-                          "ms": 1000 * seconds, "mfu": flops_per_iter / seconds / (peak * world_size),
-                          "mem": measure.memory_mb(device)}
+                loss = processes.mean_over_ranks(loss, world_size)  # waits for the step: the timing is honest
+                seconds = clock.lap(it)
                 if master:
-                    logs.log_step(log_path, record, wandb_run)
+                    logs.log_step(log_path, {"iter": it, "loss": loss, "lr": lr, "tokens_per_s": tokens_per_iter / seconds,
+                                             "ms": 1000 * seconds, "mfu": flops_per_iter / seconds / (peak * world_size),
+                                             "mem": measure.memory_mb(device)}, wandb_run)
             it += 1
             stop = stops.agreed_stop(caught, world_size, device)
             if stop and it < c.max_iters:
                 checkpoint(it, evaluated=False)
-                if master:
-                    print(stops.stop_message(it, ckpt_path, "train.py", c.out_dir, world_size), flush=True)
-                if world_size > 1:
-                    dist.barrier()  # no process may exit while the checkpoint is being written
-                if wandb_run is not None:  # exit_ddp may end the process before wandb's own exit hook
-                    wandb_run.finish(exit_code=128 + stop)
-                processes.exit_ddp(128 + stop)
+                stops.exit_resumable(stop, it, c.out_dir, "train.py", world_size, master, wandb_run)
     if master:
-        print(f"done: {c.max_iters} iterations; checkpoint in {ckpt_path}, log in {log_path}")
+        print(f"done: {c.max_iters} iterations; checkpoint in {os.path.join(c.out_dir, 'ckpt.pt')}, log in {log_path}")
     if wandb_run is not None:
         wandb_run.finish()
     processes.exit_ddp()

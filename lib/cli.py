@@ -66,12 +66,14 @@ def read_notes(source):
         text = f.read()
     comments = {t.start[0]: t.string[1:].strip() for t in tokenize.generate_tokens(io.StringIO(text).readline)
                 if t.type == tokenize.COMMENT}
-    notes, group, inside = {}, "", False
+    notes, group, inside, opening = {}, "", False, 0
     for number, line in enumerate(text.splitlines(), start=1):
         if line.startswith("# ---"):
             if inside:
                 break
-            inside = line.rstrip().endswith("defaults")
+            inside, opening = line.rstrip().endswith("defaults"), number
+        elif inside and line.lstrip().startswith("#") and number == opening + 1 and "cli.py" in line:
+            continue  # the block's first line says that the ranges below are enforced, here
         elif inside and line.lstrip().startswith("#"):
             group = comments[number]
         elif inside and _KEY.match(line):

@@ -28,6 +28,22 @@ def eval_line(it, losses, best_val_loss):
     return f"eval {it}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f} (best {best_val_loss:.4f})"
 
 
+def log_eval(path, it, losses, best_val_loss, extra, wandb_run=None, printed=""):
+    """An evaluation: its line printed (the losses, the scores among extra, then printed), its
+    record logged with all of extra, and the plot beside the log redrawn."""
+    shown = "".join(f", {k} {v:.4f}" for k, v in extra.items() if isinstance(v, float))
+    print(f"{eval_line(it, losses, best_val_loss)}{shown}{printed}", flush=True)
+    log_record(path, {"iter": it, "train_loss": losses["train"], "val_loss": losses["val"],
+                      "best_val_loss": best_val_loss, **extra}, wandb_run)
+    plot_log(path, os.path.join(os.path.dirname(path), "loss.png"))
+
+
+def start_wandb(project, name, cfg):
+    """A Weights & Biases run that log_record sends the numbers to."""
+    import wandb  # optional: only runs that log to it need it
+    return wandb.init(project=project, name=name, config=cfg)
+
+
 def truncate_log(path, size):
     """Cut the log back to size bytes, its length when the checkpoint was written."""
     if os.path.exists(path) and os.path.getsize(path) > size:

@@ -44,3 +44,22 @@ def memory_mb(device):
     import resource  # POSIX only, hence not at the top
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return peak / 2 ** 20 if sys.platform == "darwin" else peak / 2 ** 10  # bytes on macOS, KiB on Linux
+
+
+class Clock:
+    """Seconds per training iteration between two log lines, evaluations left out."""
+
+    def __init__(self, it):
+        self.restart(it)
+
+    def restart(self, it):
+        """Count from now, iteration it being the next."""
+        self.start, self.it = time.perf_counter(), it
+
+    def lap(self, it):
+        """Seconds per iteration since the last lap or restart, iteration it included; the next lap
+        counts from here."""
+        now = time.perf_counter()
+        seconds = (now - self.start) / (it + 1 - self.it)
+        self.start, self.it = now, it + 1
+        return seconds

@@ -7,7 +7,7 @@ import torch
 import torch.distributed as dist
 
 from gpt import GPT, GPTConfig, apply_lora, load_adapter, quantize_model, read_adapter_config
-from lib import checkpoints
+from lib import checkpoints, speed
 from lib.cli import fail
 from lib.downloads import DownloadError
 
@@ -33,6 +33,11 @@ def add_adapters(model, cfg):
     return model
 
 
+def model_class(cfg):
+    """GPT, or ChunkedLossGPT where the settings ask for the chunked loss: the same weights either way."""
+    return speed.ChunkedLossGPT if cfg.get("chunked_loss") else GPT
+
+
 def model_from_checkpoint(ckpt, cfg=None):
     """The trained model of a checkpoint (with its adapters, if it has any), on the CPU. cfg, when
     given, is a resumed run's settings: its dropout and lora_dropout replace the saved ones. Under
@@ -44,7 +49,7 @@ def model_from_checkpoint(ckpt, cfg=None):
     if cfg is not None:
         args = {**args, "dropout": cfg["dropout"]}
         settings = {**settings, "lora_dropout": cfg.get("lora_dropout", settings.get("lora_dropout"))}
-    model = add_adapters(GPT(GPTConfig(**args)), settings)
+    model = add_adapters(model_class(cfg or {})(GPTConfig(**args)), settings)
     if not dist.is_initialized() or dist.get_rank() == 0:
         model.load_state_dict(ckpt["model"])
     return model
@@ -57,14 +62,14 @@ def build_model(c, vocab_size, ckpt):
     elif c.init_from == "scratch":
         torch.manual_seed(c.seed)  # the same initial weights in every process
         try:
-            model = GPT(GPTConfig(block_size=c.block_size, vocab_size=vocab_size, n_layer=c.n_layer,
+            model = model_class(vars(c))(GPTConfig(block_size=c.block_size, vocab_size=vocab_size, n_layer=c.n_layer,
                                   n_head=c.n_head, n_embd=c.n_embd, dropout=c.dropout, bias=c.bias,
                                   pos_emb=c.pos_emb, mlp=c.mlp))
         except ValueError as e:
             fail(str(e))
     else:
         try:
-            model = GPT.from_pretrained(c.init_from, dropout=c.dropout)
+            model = model_class(vars(c)).from_pretrained(c.init_from, dropout=c.dropout)
         except (ValueError, FileNotFoundError, DownloadError) as e:
             fail(f"--init_from={c.init_from}: {e}")
     if ckpt is None:

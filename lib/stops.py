@@ -7,6 +7,8 @@ from contextlib import contextmanager
 import torch
 import torch.distributed as dist
 
+from lib import processes
+
 
 @contextmanager
 def stop_signals(announce=True):
@@ -46,3 +48,15 @@ def stop_message(it, ckpt_path, script, out_dir, world_size):
     launcher = f"torchrun --standalone --nproc_per_node={world_size}" if world_size > 1 else "python"
     return (f"stopped at iteration {it}; checkpoint in {ckpt_path}; resume with: "
             f"{launcher} {script} --init_from=resume --out_dir={out_dir}")
+
+
+def exit_resumable(signum, it, out_dir, script, world_size, master, wandb_run=None):
+    """The end of a run stopped by a signal, once its checkpoint is written: say how to go on, wait
+    for every process, and exit with the signal's status."""
+    if master:
+        print(stop_message(it, os.path.join(out_dir, "ckpt.pt"), script, out_dir, world_size), flush=True)
+    if world_size > 1:
+        dist.barrier()  # no process may exit while the checkpoint is being written
+    if wandb_run is not None:  # exit_ddp may end the process before wandb's own exit hook
+        wandb_run.finish(exit_code=128 + signum)
+    processes.exit_ddp(128 + signum)

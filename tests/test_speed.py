@@ -123,3 +123,38 @@ def test_chunked_loss_gpt_shares_gpt_s_state_dict_and_logits():
         assert torch.equal(fast(x)[0], model(x)[0])
     assert abs(fast_loss - loss) <= 1e-5
     assert fast.state_dict().keys() == model.state_dict().keys()
+
+
+FAULTS = """
+import resource, sys, torch
+from lib import speed
+done = speed.keep_freed_memory() if sys.argv[1] == "keep" else None
+before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+for _ in range(6):
+    buffer = torch.empty(2**25)  # 128 MiB, as a step's logits are allocated afresh each step
+    buffer.fill_(1.0)
+    del buffer
+print(done, resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+"""
+
+
+@pytest.mark.skipif(not __import__("sys").platform.startswith("linux"), reason="glibc's mallopt: Linux only")
+def test_keep_freed_memory_spares_the_page_faults_of_fresh_buffers():
+    """Six 128 MiB buffers in a row: glibc maps each afresh and faults in its 32768 pages again,
+    unless told to keep freed memory, when the first buffer's pages serve all six. An allocator
+    setting given in the environment wins over ours."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+    root = Path(__file__).resolve().parent.parent
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_")}
+
+    def faults(mode, **extra):
+        out = subprocess.run([sys.executable, "-c", FAULTS, mode], capture_output=True, text=True, cwd=root,
+                             env={**env, **extra}, check=True).stdout.split()
+        return out[0], int(out[1])
+    pages = 2**25 * 4 // 4096
+    plain, kept = faults("plain"), faults("keep")
+    assert plain[1] > 5 * pages and kept == ("True", kept[1]) and kept[1] < 2 * pages
+    assert faults("keep", MALLOC_TOP_PAD_="0")[0] == "False"

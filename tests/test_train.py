@@ -17,7 +17,7 @@ import pytest
 import torch
 
 import train
-from lib import benchmarks, checkpoints, datasets, downloads, logs, models, training
+from lib import benchmarks, checkpoints, datasets, downloads, logs, measure, models, training
 from gpt import GPT, GPTConfig
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -604,3 +604,27 @@ def test_eval_tasks_beyond_the_models_vocabulary_are_one_line(data_dir, task_cac
     with pytest.raises(SystemExit) as e:
         train.main([*TINY, f"--data_dir={data_dir}", f"--out_dir={tmp_path / 'out'}", "--eval_tasks=lambada"])
     assert e.value.code == 2 and "beyond the model's vocabulary of 128" in capsys.readouterr().err
+
+
+def test_chunked_loss_trains_the_run_of_the_plain_one_and_resumes_into_it(data_dir, tmp_path):
+    """--chunked_loss=True (lib/speed.py's ChunkedLossGPT) logs the losses of the plain
+    F.cross_entropy run, up to float32 rounding; its checkpoint resumes with the plain loss."""
+    common = ["--max_iters=6", "--eval_interval=3", "--dropout=0.1"]
+    for name, extra in (("plain", []), ("chunked", ["--chunked_loss=True"])):
+        train.main([*TINY, f"--data_dir={data_dir}", f"--out_dir={tmp_path / name}", *common, *extra])
+    (plain_steps, plain_evals), (steps, evals) = read_log(tmp_path / "plain"), read_log(tmp_path / "chunked")
+    assert [r["loss"] for r in steps] == pytest.approx([r["loss"] for r in plain_steps], abs=1e-4)
+    assert [r["val_loss"] for r in evals] == pytest.approx([r["val_loss"] for r in plain_evals], abs=1e-4)
+    train.main([*TINY, f"--data_dir={data_dir}", f"--out_dir={tmp_path / 'chunked'}", "--init_from=resume",
+                "--max_iters=8", "--chunked_loss=False"])
+    assert [r["iter"] for r in read_log(tmp_path / "chunked")[0]] == list(range(8))
+
+
+def test_clock_counts_seconds_per_iteration_between_laps(monkeypatch):
+    now = iter([10.0, 16.0, 17.0, 30.0, 34.0])
+    monkeypatch.setattr(measure.time, "perf_counter", lambda: next(now))
+    clock = measure.Clock(0)           # t = 10
+    assert clock.lap(2) == 2.0         # iterations 0, 1, 2 in 6 s
+    assert clock.lap(3) == 1.0         # iteration 3 in 1 s
+    clock.restart(5)                   # an evaluation: t = 30, iteration 5 next
+    assert clock.lap(6) == 2.0         # iterations 5, 6 in 4 s
