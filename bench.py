@@ -398,16 +398,17 @@ def loss_worker(allocator, nanogpt, steps, rounds, n_layer, n_head, n_embd, bloc
         for name, build in models.items():
             torch.manual_seed(0)
             model = build(GPTConfig(**config))
-            optimizer, scaler = training.make_optimizer(model, 1e-4, 0.1, (0.9, 0.95), "cpu"), training.make_scaler("cpu", dtype)
-            steps_of[name] = functools.partial(training.train_step, model, optimizer, scaler, lambda *key: (x, y), 0, 1e-4,
-                                               dtype=dtype)
+            optimizer = training.make_optimizer(model, 1e-4, 0.1, (0.9, 0.95), "cpu")
+            steps_of[name] = functools.partial(training.train_step, model, optimizer, training.make_scaler("cpu", dtype),
+                                               lambda *key: (x, y), 0, 1e-4, dtype=dtype)
         best = dict.fromkeys(models, float("inf"))
         for _ in range(rounds):  # alternating: a busy machine slows all alike
             for name, step in steps_of.items():
                 best[name] = min(best[name], timed(step, repeat=steps))
         if allocator == "glibc default":
             speed.keep_freed_memory()
-            best["GPT, with keep_freed_memory (train.py)"] = timed(steps_of["GPT (F.cross_entropy)"], repeat=steps * rounds)
+            plain = steps_of["GPT (F.cross_entropy)"]
+            best["GPT, with keep_freed_memory (train.py)"] = timed(plain, repeat=steps * rounds)
         for name, seconds in best.items():
             rows.append((f"{dtype} {allocator}: {name}", tokens / seconds, "tokens/s"))
             if nanogpt and name != "nanoGPT":
@@ -426,7 +427,7 @@ def bench_loss(nanogpt="", steps=3, rounds=3, n_layer=6, n_head=6, n_embd=384, b
     for allocator, env in ALLOCATORS.items():
         args = json.dumps([allocator, nanogpt and os.path.abspath(nanogpt), steps, rounds, n_layer, n_head, n_embd,
                            block_size, batch_size])
-        r = subprocess.run([sys.executable, "-c", f"import bench, json, sys; bench.loss_worker(*json.loads(sys.argv[1]))",
+        r = subprocess.run([sys.executable, "-c", "import bench, json, sys; bench.loss_worker(*json.loads(sys.argv[1]))",
                             args], capture_output=True, text=True, env={**os.environ, **env},
                            cwd=os.path.dirname(os.path.abspath(__file__)))
         if r.returncode:

@@ -86,7 +86,7 @@ def main(argv=None):
         config = model.config
         if cfg["stride"] > config.block_size:
             cli.fail(f"--stride={cfg['stride']} is longer than the model's context of {config.block_size} tokens: "
-                 f"windows would skip tokens")
+                     f"windows would skip tokens")
         try:
             enc = datasets.get_tokenizer(tokenizer_name)
         except (ValueError, downloads.DownloadError) as e:

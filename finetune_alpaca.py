@@ -19,7 +19,7 @@ response and <|endoftext|>) are dropped, not truncated: a cut response would tea
 stop mid-sentence, or never. Batches are padded to their longest example only.
 
 Training uses train.py's pieces from lib/: the LR schedule, AdamW and the optimizer step (gradient
-accumulation, clipping, AMP, GradScaler) and evaluation in training.py, atomic checkpoints, stops,
+accumulation, clipping, AMP, GradScaler) and evaluation in lib/training.py, atomic checkpoints, stops,
 the log and its plot; its loop is train.py's.
 As there, the batch of every micro-step is a pure function of (seed, iteration, index), so a
 resumed run repeats an uninterrupted one exactly. A LoRA run writes out_dir/adapter.safetensors
@@ -126,7 +126,7 @@ def alpaca_file(c):
             return downloads.download(c.alpaca_url, downloads.cache_dir() / "alpaca" / "alpaca_data.json")
     except downloads.DownloadError as e:
         cli.fail(f"{e}. Without it: a local copy with --data_path=file.json"
-             f"{', or HF_ENDPOINT=<a mirror of the hub>' if c.data == 'alpaca-cleaned' else ', or another --alpaca_url'}")
+                 f"{', or HF_ENDPOINT=<a mirror of the hub>' if c.data == 'alpaca-cleaned' else ', or another --alpaca_url'}")
     cli.fail(f"--data={c.data} is not one of alpaca-cleaned, alpaca (or give --data_path=file.json)")
 
 
@@ -279,7 +279,7 @@ def main(argv=None):
               "val": tokenize(enc, val_records, max_seq_len, "val", master)}
     if len(splits["train"]) < c.batch_size or not splits["val"]:
         cli.fail(f"{len(splits['train'])} training and {len(splits['val'])} validation examples fit in "
-             f"max_seq_len={max_seq_len}: too few for --batch_size={c.batch_size}")
+                 f"max_seq_len={max_seq_len}: too few for --batch_size={c.batch_size}")
     micro_per_step = world_size * c.gradient_accumulation_steps
     get_batch, step_tokens = batch_loader(splits, c.batch_size, micro_per_step, c.mask_prompt, enc.eot_token,
                                           device, c.seed)
@@ -301,7 +301,8 @@ def main(argv=None):
         mode = "full fine-tune" if not c.lora_rank else "QLoRA" if c.quantize == "nf4" else "LoRA"
         print(f"{mode} of {c.init_from}: {trainable / 1e6:.2f}M of {total / 1e6:.2f}M parameters train; "
               f"{len(splits['train'])} training, {len(splits['val'])} validation examples; "
-              f"{world_size} process(es) ({processes.split_name(world_size, sharded)}) on {device}, {dtype}\n{processes.held_per_process(model)}")
+              f"{world_size} process(es) ({processes.split_name(world_size, sharded)}) on {device}, {dtype}\n"
+              f"{processes.held_per_process(model)}")
 
     def checkpoint(it, evaluated=True):
         """Every process takes part (FSDP gathers the shards); rank 0 writes."""
@@ -310,7 +311,7 @@ def main(argv=None):
         if not master:
             return
         state = checkpoints.run_state(optimizer_state, scaler, it, best_val_loss, cfg, model, "gpt2", log_path,
-                                   script="finetune_alpaca.py", world_size=world_size, evaluated=evaluated)
+                                      script="finetune_alpaca.py", world_size=world_size, evaluated=evaluated)
         if c.lora_rank:
             gpt.save_adapter(model, c.out_dir, base_model=c.init_from, state=model_state)
             state["adapter"] = model_state

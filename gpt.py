@@ -381,7 +381,8 @@ def _check_weights(cls, config, path):
         if key in seen:
             raise ValueError(f"{path}: tensor {weightfiles.short(name)} given twice (with and without 'transformer.')")
         if shape != expected[key]:
-            raise ValueError(f"{path}: {weightfiles.short(name)} has shape {weightfiles.short(shape)}, config.json implies {expected[key]}")
+            raise ValueError(f"{path}: {weightfiles.short(name)} has shape {weightfiles.short(shape)}, "
+                             f"config.json implies {expected[key]}")
         seen.add(key)
     missing = sorted(set(expected) - seen)
     if missing:

@@ -66,7 +66,7 @@ def read_text(path, start, stop, errors, bar):
             except UnicodeDecodeError as e:
                 where = pos - pending + e.start
                 cli.fail(f"{path}: invalid UTF-8 at byte {where} (line {line_number(path, where)}); "
-                     f"fix the file or pass --errors=replace")
+                         f"fix the file or pass --errors=replace")
             if pos == 0:
                 text = text.removeprefix("\ufeff")  # a byte order mark is not text
             pos += len(data)
@@ -174,7 +174,7 @@ def split_ranges(paths, val_fraction):
         offset += size
     if not ranges["train"] or not ranges["val"]:
         cli.fail(f"cannot split the text at {1 - val_fraction:.0%}: no line starts after that point; "
-             f"change --val_fraction or add text")
+                 f"change --val_fraction or add text")
     return ranges
 
 
@@ -408,7 +408,7 @@ def main(argv=None):
     more = [a for a in argv[1:] if a in DATASETS]
     if more:
         cli.fail(f"one dataset at a time: got {argv[0].partition('=')[2]} and {', '.join(more)}; "
-             f"run prepare_data.py once for each")
+                 f"run prepare_data.py once for each")
     cfg = cli.configure(DEFAULTS, argv, doc=__doc__, source=__file__)
     check(cfg)
     try:

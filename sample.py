@@ -98,7 +98,7 @@ def main(argv=None):
         cli.fail("--serve takes its prompts from the page, one sample each: leave out --interactive and --num_samples")
     if cfg["serve"] and cfg["max_new_tokens"] > webpage.MAX_NEW_TOKENS:
         cli.fail(f"--max_new_tokens={cfg['max_new_tokens']} is more than --serve generates at a time: "
-             f"at most {webpage.MAX_NEW_TOKENS}")
+                 f"at most {webpage.MAX_NEW_TOKENS}")
     if not cfg["serve"] and (cfg["host"], cfg["port"]) != (defaults["host"], defaults["port"]):
         cli.fail("--host and --port go with --serve")
     server = webpage.listen(cfg) if cfg["serve"] else None

@@ -23,7 +23,8 @@ from types import SimpleNamespace
 
 import torch
 
-from lib import benchmarks, checkpoints, cli, datasets, downloads, logs, measure, models, processes, speed, stops, training
+from lib import (benchmarks, checkpoints, cli, datasets, downloads, logs, measure, models, processes, speed, stops,
+                 training)
 
 # ----------------------------------------------------------------------------- defaults
 # A note like `>= 1` or `[0, 1)` after a setting is its range, which lib/cli.py enforces.
@@ -210,15 +211,16 @@ def main(argv=None):
             if it >= c.max_iters:
                 break
             lr = training.lr_at(it, c.learning_rate, c.min_lr, c.warmup_iters, c.lr_decay_iters or c.max_iters)
-            loss = training.train_step(trained, optimizer, scaler, get_batch, it, lr, grad_accum=c.gradient_accumulation_steps,
-                                       rank=rank, world_size=world_size, device=device, dtype=step_dtype,
-                                       grad_clip=c.grad_clip, seed=c.seed)
+            loss = training.train_step(trained, optimizer, scaler, get_batch, it, lr,  # forward, backward, clip, step
+                                       grad_accum=c.gradient_accumulation_steps, rank=rank, world_size=world_size,
+                                       device=device, dtype=step_dtype, grad_clip=c.grad_clip, seed=c.seed)
             if it % c.log_interval == 0:
                 loss = processes.mean_over_ranks(loss, world_size)  # waits for the step: the timing is honest
                 seconds = clock.lap(it)
                 if master:
-                    logs.log_step(log_path, {"iter": it, "loss": loss, "lr": lr, "tokens_per_s": tokens_per_iter / seconds,
-                                             "ms": 1000 * seconds, "mfu": flops_per_iter / seconds / (peak * world_size),
+                    logs.log_step(log_path, {"iter": it, "loss": loss, "lr": lr, "ms": 1000 * seconds,
+                                             "tokens_per_s": tokens_per_iter / seconds,
+                                             "mfu": flops_per_iter / seconds / (peak * world_size),
                                              "mem": measure.memory_mb(device)}, wandb_run)
             it += 1
             stop = stops.agreed_stop(caught, world_size, device)

@@ -63,8 +63,8 @@ def build_model(c, vocab_size, ckpt):
         torch.manual_seed(c.seed)  # the same initial weights in every process
         try:
             model = model_class(vars(c))(GPTConfig(block_size=c.block_size, vocab_size=vocab_size, n_layer=c.n_layer,
-                                  n_head=c.n_head, n_embd=c.n_embd, dropout=c.dropout, bias=c.bias,
-                                  pos_emb=c.pos_emb, mlp=c.mlp))
+                                                   n_head=c.n_head, n_embd=c.n_embd, dropout=c.dropout, bias=c.bias,
+                                                   pos_emb=c.pos_emb, mlp=c.mlp))
         except ValueError as e:
             fail(str(e))
     else:

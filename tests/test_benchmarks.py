@@ -1,4 +1,4 @@
-"""eval.py and benchmarks.py against transformers computing the same things one example at a time:
+"""eval.py and lib/benchmarks.py against transformers computing the same things one example at a time:
 strided WikiText perplexity, HellaSwag and LAMBADA; the downloads through the loopback mirror,
 malformed records, and torchrun's 2 processes against 1."""
 import io

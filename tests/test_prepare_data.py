@@ -396,7 +396,7 @@ def test_bad_inputs_exit_2_with_one_line_and_write_nothing(tmp_path, capsys, hub
         (["tinystories", out], "Without it: HF_ENDPOINT=<a mirror of the hub>; or any text of your own with "
                                "`python prepare_data.py text --input=...`"),
         (["shakespeare", f"--url={hub.url}/no/input.txt", out], "Without it: --url=<another copy>, or a local copy "
-                                                                 "with `python prepare_data.py text --input=input.txt"),
+         "with `python prepare_data.py text --input=input.txt"),
         (["wikitext2", out], "train-00000-of-00001.parquet: no 'text' column (it has line)"),
     ]
     for argv, message in cases:
