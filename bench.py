@@ -380,6 +380,16 @@ def nanogpt_module(path):
     return module
 
 
+def with_erf_gelu(config):
+    """GPT with the exact (erf) GELU that nanoGPT uses in place of GPT-2's tanh approximation, the
+    one difference between the two models' computations: what it costs, measured."""
+    model = GPT(config)
+    for block in model.transformer.h:
+        mlp = block.mlp
+        mlp.forward = lambda x, mlp=mlp: mlp.dropout(mlp.c_proj(torch.nn.functional.gelu(mlp.c_fc(x))))
+    return model
+
+
 def loss_worker(allocator, nanogpt, steps, rounds, n_layer, n_head, n_embd, block_size, batch_size):
     """In a process started with the allocator's environment: train steps of GPT (F.cross_entropy
     over the logits), ChunkedLossGPT and nanoGPT's GPT at nanoGPT's shape (vocabulary padded to
@@ -394,6 +404,7 @@ def loss_worker(allocator, nanogpt, steps, rounds, n_layer, n_head, n_embd, bloc
         if nanogpt:
             theirs = nanogpt_module(nanogpt)
             models["nanoGPT"] = lambda c: theirs.GPT(theirs.GPTConfig(**config))
+            models["GPT with nanoGPT's erf GELU"] = with_erf_gelu
         steps_of = {}
         for name, build in models.items():
             torch.manual_seed(0)

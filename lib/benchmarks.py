@@ -1,6 +1,7 @@
-"""The zero-shot benchmarks GPT-2 is known by, scored the same way by eval.py and by train.py
---eval_tasks: WikiText-2 and WikiText-103 (perplexity of the test split), LAMBADA (the last word
-of a passage) and HellaSwag (the right ending of four).
+"""The zero-shot benchmarks GPT-2 is known by: WikiText, LAMBADA and HellaSwag, as eval.py and train.py score them.
+
+WikiText-2 and WikiText-103: the perplexity of the test split; LAMBADA: the last word of a passage;
+HellaSwag: the right ending of four.
 
 A task is a list of examples, an example a list of requests (tokens, n): "how likely are the last
 n of these tokens, each given all the tokens before it?". The model answers many requests per

@@ -1,5 +1,4 @@
-"""Checkpoints and exact resume: written atomically, read without running code, restored on any
-number of processes."""
+"""Checkpoints and exact resume: written atomically, read without running code, restored on any number of processes."""
 import os
 from dataclasses import asdict
 

@@ -1,6 +1,7 @@
-"""The data formats the scripts share: token shards, the batches drawn from them, meta.json, and
-the Alpaca prompt. prepare_data.py writes shards, train.py reads them; finetune_alpaca.py trains on
-the prompt and sample.py --instruction builds the same one.
+"""The data formats the scripts share: the tokenizer, token shards and batches, meta.json, the Alpaca prompt.
+
+prepare_data.py writes shards, train.py reads them; finetune_alpaca.py trains on the Alpaca prompt
+and sample.py --instruction builds the same one.
 
 A shard is llm.c's format: a header of 256 int32 (magic, version, token count), then the tokens,
 uint16 when the vocabulary fits, else uint32, little-endian.

@@ -1,5 +1,4 @@
-"""Downloads over HTTP into a local cache: resumed after a cut, retried, checked against the
-size and sha256 the server announces, and renamed into place only when whole."""
+"""Downloads over HTTP into a cache: resumed, retried, checked against the size and sha256 announced."""
 import os
 import time
 from pathlib import Path

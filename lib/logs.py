@@ -1,5 +1,4 @@
-"""The run's log: one JSON line per step or evaluation, the printed lines, and the plot redrawn from
-the log."""
+"""The run's log: a JSON line per step or evaluation, the printed lines, and the plot drawn from the log."""
 import json
 import os
 

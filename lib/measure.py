@@ -1,5 +1,4 @@
-"""Measurements of a run: FLOPs per token, the device's matmul peak that MFU is judged against, and
-peak memory."""
+"""Measurements of a run: FLOPs per token, the matmul peak behind MFU, peak memory, the step clock."""
 import sys
 import time
 

@@ -1,5 +1,4 @@
-"""The model a script works on: a fresh one, GPT-2's weights, a checkpoint's, each with the LoRA or
-QLoRA adapters its settings ask for."""
+"""The model a script works on: fresh, GPT-2's or a checkpoint's, with the LoRA or QLoRA adapters asked for."""
 import os
 import sys
 

@@ -1,5 +1,4 @@
-"""The processes of a run: torchrun's process group (DDP), sharding (FSDP), and what each process
-holds."""
+"""The processes of a run: torchrun's process group (DDP), sharding (FSDP), and what each process holds."""
 import os
 import sys
 from contextlib import contextmanager

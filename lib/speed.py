@@ -1,6 +1,8 @@
-"""Speed, kept out of gpt.py's way: a loss that never holds all the logits at once and half-precision
-weights for inference, each proven equal to gpt.py's plain form by a test; and an allocator
-setting that spares a CPU run the page faults of fresh buffers."""
+"""Speed kept out of gpt.py's way, each fast form proven equal to gpt.py's plain one by a test.
+
+A loss that never holds all the logits at once (ChunkedLossGPT), weights in half precision for
+inference, and an allocator setting that spares a CPU run the page faults of fresh buffers.
+"""
 import ctypes
 import os
 

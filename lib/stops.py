@@ -1,5 +1,4 @@
-"""Stopping a run cleanly: Ctrl-C and SIGTERM finish the step and write a checkpoint, every process
-agreeing on when; and the line that says how to go on."""
+"""Stopping a run cleanly on Ctrl-C or SIGTERM: finish the step, write a checkpoint, say how to go on."""
 import os
 import signal
 from contextlib import contextmanager

@@ -1,5 +1,4 @@
-"""Text into a model and back: a prompt as tokens (plain, from a file, or in the Alpaca format), and
-the tokens generated after it, streamed back as text as soon as their bytes decode."""
+"""Text into a model and back: prompts as tokens, and generated tokens streamed back as text."""
 import codecs
 import sys
 

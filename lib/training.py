@@ -1,5 +1,4 @@
-"""One optimizer step and an evaluation: the learning-rate schedule, AdamW, gradient accumulation
-and clipping, shared by train.py and finetune_alpaca.py."""
+"""One optimizer step and an evaluation: the LR schedule, AdamW, gradient accumulation and clipping."""
 import math
 
 import torch

@@ -1,5 +1,7 @@
-"""sample.py --serve: a web page to try a model on, served from this machine with the standard
-library's HTTP server. One generation at a time, streamed to the page as server-sent events."""
+"""sample.py --serve: a web page to try a model on, and its server, from the standard library.
+
+One generation at a time, streamed to the page as server-sent events.
+"""
 import contextlib
 import json
 import sys

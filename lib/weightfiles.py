@@ -1,5 +1,4 @@
-"""Weight files, read and written by hand: the safetensors format, every field of its header checked
-before a tensor is allocated, and the files of a model on the Hugging Face hub.
+"""Weight files by hand: the safetensors format, every header field checked, and a hub model's files.
 
 The format: 8 bytes little-endian header length n, n bytes of JSON {name: {dtype, shape,
 data_offsets: [begin, end]}, "__metadata__": {str: str}}, then the raw little-endian tensor bytes,

@@ -449,7 +449,10 @@ def one_process(data_dir, tmp_path_factory):
 @pytest.mark.parametrize("split", ["ddp", "fsdp"])
 @pytest.mark.parametrize("checkpointing", [False, True])
 def test_fsdp_ddp_and_one_process_log_the_same_losses(data_dir, tmp_path, one_process, split, checkpointing):
-    args = [*SPLITS, f"--fsdp={split == 'fsdp'}", f"--activation_checkpointing={checkpointing}"]
+    """With activation checkpointing the processes also take the chunked loss, which runs inside the
+    wrapped model's forward, where DDP's and FSDP's hooks run."""
+    args = [*SPLITS, f"--fsdp={split == 'fsdp'}", f"--activation_checkpointing={checkpointing}",
+            f"--chunked_loss={checkpointing}"]
     result = run(args, data_dir, tmp_path, nproc=2)
     assert f"2 process(es) ({split.upper()})" in result.stdout
     steps, evals = read_log(tmp_path)
