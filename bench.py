@@ -298,8 +298,8 @@ def bench_tokenize(mb=200, repeat=2):
 def bench_train(steps=5, n_layer=6, n_head=6, n_embd=384, block_size=256, batch_size=8):
     """Training throughput at a fixed shape (GPT-2 vocabulary, random tokens, AdamW, clipping) in
     float32 and, where cli.pick_dtype picks it on this CPU, bfloat16 autocast (elsewhere bfloat16
-    is emulated, many times slower than float32), through training.train_step, with glibc's malloc
-    as it comes (the loss section measures train.py's allocator setting); MFU against the matmul peak of the same dtype measured just before, and the MFU a step would
+    is emulated, many times slower than float32), through training.train_step as train.py runs it;
+    MFU against the matmul peak of the same dtype measured just before, and the MFU a step would
     reach if it spent time in its matmuls alone (profiled), which no other change can pass without
     faster matmuls (goal, issue 14: bfloat16 at least 75%), or in its matmuls, attention, GELU and
     the softmax's exp alone, at the speed of PyTorch's kernels for them; lib/speed.py's chunked loss
@@ -743,6 +743,7 @@ DEFAULTS = {
 
 def main(argv=None):
     cfg = cli.configure(DEFAULTS, argv, doc=__doc__, source=__file__)
+    speed.keep_freed_memory()  # as train.py, finetune_alpaca.py and eval.py run: what they do is measured
     names = [n for n in cfg["only"].split(",") if n] or list(BENCHES)
     for n in names:
         if n not in BENCHES:

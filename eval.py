@@ -81,6 +81,7 @@ def main(argv=None):
     cli.writable_dir(cfg["out_dir"])
     rank, world_size, device = processes.setup_ddp(cli.pick_device(cfg["device"]))
     dtype = cli.pick_dtype(cfg["dtype"], device)
+    speed.keep_freed_memory()
     with processes.rank_zero_first():  # downloads, once per node
         model, tokenizer_name = models.load_model(cfg)
         config = model.config
