@@ -22,6 +22,7 @@ import tempfile
 import time
 from concurrent.futures import ProcessPoolExecutor
 
+import lib  # noqa: F401 -- first: a Ctrl-C while torch loads then ends the script with one line
 import numpy as np
 import torch
 from torch.nn.parallel import DistributedDataParallel as DDP

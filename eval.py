@@ -21,6 +21,7 @@ import sys
 import time
 from urllib.parse import urlsplit
 
+import lib  # noqa: F401 -- first: a Ctrl-C while torch loads then ends the script with one line
 import torch
 import torch.distributed as dist
 

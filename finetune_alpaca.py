@@ -32,6 +32,7 @@ import math
 import os
 from types import SimpleNamespace
 
+import lib  # noqa: F401 -- first: a Ctrl-C while torch loads then ends the script with one line
 import torch
 
 import gpt
@@ -43,7 +44,7 @@ init_from = "gpt2"        # gpt2 | gpt2-medium | gpt2-large | gpt2-xl | a local 
 out_dir = "out-alpaca"
 # data
 data = "alpaca-cleaned"   # alpaca-cleaned (yahma's fixes of the original) | alpaca (Stanford's 52,002 records)
-data_path = ""            # a local JSON file in Alpaca's format instead: [{"instruction", "input", "output"}, ...]
+data_path = ""            # only with data=alpaca-cleaned; a local JSON file of Alpaca's records instead
 alpaca_url = "https://raw.githubusercontent.com/tatsu-lab/stanford_alpaca/main/alpaca_data.json"
 val_size = 0              # >= 0; held-out records, chosen by the seed; 0: the smaller of 500 and a tenth of them
 subset = 0                # >= 0; train on only this many records (0: all of them)
@@ -54,7 +55,7 @@ lora_rank = 8             # >= 0; 0: a full fine-tune of every weight
 lora_alpha = 16.0         # > 0; the update is scaled by lora_alpha / lora_rank
 lora_dropout = 0.05       # [0, 1)
 quantize = "none"         # none | nf4 (QLoRA: the base weights in 4 bits; needs lora_rank > 0)
-double_quant = True       # quantize NF4's scales too (4.127 instead of 4.5 bits per weight)
+double_quant = True       # only with quantize=nf4; quantize NF4's scales too (4.127 instead of 4.5 bits per weight)
 merge = False             # at the end, also write out_dir/merged as a Hugging Face model
 # optimization
 batch_size = 8            # >= 1
@@ -263,7 +264,7 @@ def main(argv=None):
         cfg["gradient_accumulation_steps"] = c.gradient_accumulation_steps = checkpoints.resumed_accumulation(
             ckpt, c.gradient_accumulation_steps, world_size)
     dtype = cli.pick_dtype(c.dtype, device)
-    processes.check_fsdp(c.fsdp, c.quantize, dtype)
+    processes.check_fsdp(c.fsdp, c.quantize, dtype, world_size, resuming=ckpt is not None)
     speed.keep_freed_memory()
     try:
         enc = datasets.get_tokenizer("gpt2")
@@ -312,12 +313,17 @@ def main(argv=None):
             return
         state = checkpoints.run_state(optimizer_state, scaler, it, best_val_loss, cfg, model, "gpt2", log_path,
                                       script="finetune_alpaca.py", world_size=world_size, evaluated=evaluated)
+        resume = stops.resume_command("finetune_alpaca.py", c.out_dir, world_size)
         if c.lora_rank:
-            gpt.save_adapter(model, c.out_dir, base_model=c.init_from, state=model_state)
+            try:
+                gpt.save_adapter(model, c.out_dir, base_model=c.init_from, state=model_state)
+            except OSError as e:
+                cli.fail(f"cannot write the adapter in {c.out_dir}: {e.strerror or e}; the last one written is whole: "
+                         f"make room or fix the folder, then resume with: {resume}")
             state["adapter"] = model_state
         else:
             state["model"] = model_state
-        checkpoints.save(ckpt_path, state)
+        checkpoints.save(ckpt_path, state, resume=resume)
 
     it = start_iter
     clock, tokens = measure.Clock(it), 0

@@ -671,6 +671,9 @@ def apply_lora(model, rank, alpha, dropout=0.0, targets=BLOCK_LINEARS):
     def wrap(path, layer):
         if isinstance(layer, LoRALinear):
             raise ValueError(f"{path} has a LoRA adapter already")
+        if rank > min(layer.in_features, layer.out_features):  # B A would be a full matrix, and cost more
+            raise ValueError(f"LoRA rank {rank} is larger than {path}'s {layer.out_features} x {layer.in_features} "
+                             f"weight: a low-rank update needs a rank of at most {min(layer.in_features, layer.out_features)}")
         return LoRALinear(layer, rank, alpha, dropout).train(model.training)  # a new module is in training mode
     return replace_block_linears(model, targets, wrap)
 

@@ -21,6 +21,7 @@ and a resumed run repeats an uninterrupted one bit for bit, with no random state
 import os
 from types import SimpleNamespace
 
+import lib  # noqa: F401 -- first: a Ctrl-C while torch loads then ends the script with one line
 import torch
 
 from lib import (benchmarks, checkpoints, cli, datasets, downloads, logs, measure, models, processes, speed, stops,
@@ -68,8 +69,8 @@ beta1 = 0.9               # [0, 1)
 beta2 = 0.95              # [0, 1)
 grad_clip = 1.0           # >= 0; 0: no clipping
 warmup_iters = 100        # >= 0
-lr_decay_iters = 0        # >= 0; cosine decay to min_lr ends here; 0: at max_iters
-min_lr = 6e-5             # >= 0
+lr_decay_iters = 0        # >= 0, > warmup_iters unless 0; cosine decay to min_lr ends here; 0: at max_iters
+min_lr = 6e-5             # >= 0, <= learning_rate
 # system
 device = "auto"           # auto (cuda > mps > cpu) | cpu | cuda | cuda:1 | mps
 dtype = "auto"            # auto | float32 | bfloat16 | float16 (float16 adds a GradScaler)
@@ -92,6 +93,8 @@ def check(c):
         cli.fail("--activation_checkpointing with --compile recomputes dropout with other masks than the forward "
                  "pass drew (torch.compile does not replay the random state), so the gradients would be wrong: "
                  "use --dropout=0 (and --lora_dropout=0), or --compile=False")
+    if c.wandb_log:
+        logs.require_wandb()
     task_names = benchmarks.parse_tasks(c.eval_tasks, "--eval_tasks")
     if any(name in benchmarks.WIKITEXT for name in task_names):
         datasets.require_pyarrow()
@@ -153,7 +156,7 @@ def main(argv=None):
         cfg["gradient_accumulation_steps"] = c.gradient_accumulation_steps = checkpoints.resumed_accumulation(
             ckpt, c.gradient_accumulation_steps, world_size)
     dtype = cli.pick_dtype(c.dtype, device)
-    processes.check_fsdp(c.fsdp, c.quantize, dtype)
+    processes.check_fsdp(c.fsdp, c.quantize, dtype, world_size, resuming=ckpt is not None)
     speed.keep_freed_memory()
     if device.startswith("cuda"):
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
@@ -191,7 +194,8 @@ def main(argv=None):
         if master:
             checkpoints.save(os.path.join(c.out_dir, "ckpt.pt"), {"model": model_state, **checkpoints.run_state(
                 optimizer_state, scaler, it, best_val_loss, cfg, model, meta["tokenizer"], log_path,
-                script="train.py", world_size=world_size, evaluated=evaluated)})
+                script="train.py", world_size=world_size, evaluated=evaluated)},
+                resume=stops.resume_command("train.py", c.out_dir, world_size))
 
     # the training loop
     it = start_iter

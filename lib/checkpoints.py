@@ -12,11 +12,40 @@ from lib.cli import configure, fail
 from lib.files import atomic_write
 
 
-def save(path, state):
+class _WriteErrors:
+    """A file that keeps the OSError of a failed write, which torch.save reports only as an
+    unexplained RuntimeError ("unexpected pos ...")."""
+
+    def __init__(self, f):
+        self.f, self.error = f, None
+
+    def write(self, data):
+        try:
+            return self.f.write(data)
+        except OSError as e:
+            self.error = e
+            raise
+
+    def flush(self):
+        return self.f.flush()
+
+
+def save(path, state, resume=""):
     """torch.save to a temporary file, fsync, rename: killed at any moment, even by SIGKILL, the
-    previous checkpoint stays whole. state holds only tensors and plain Python values."""
-    with atomic_write(path) as f:
-        torch.save(state, f)
+    previous checkpoint stays whole. state holds only tensors and plain Python values. A file that
+    cannot be written (a full disk, a folder made read-only) stops the run with one line saying
+    why, and resume, the command that goes on from the last checkpoint."""
+    recorded = None
+    try:
+        with atomic_write(path) as f:
+            recorded = _WriteErrors(f)
+            torch.save(state, recorded)
+    except (OSError, RuntimeError) as e:
+        cause = recorded.error if isinstance(e, RuntimeError) and recorded and recorded.error else e
+        if not isinstance(cause, OSError):
+            raise
+        fail(f"cannot write the checkpoint {path}: {cause.strerror or cause}; the last one written is whole: make "
+             f"room or fix the folder, then resume{' with: ' + resume if resume else ''}")
 
 
 def load(path):

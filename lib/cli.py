@@ -19,12 +19,18 @@ import io
 import math
 import os
 import re
+import signal
 import sys
 import tempfile
 import tokenize
 import traceback
 
 import torch
+
+import lib
+
+if signal.getsignal(signal.SIGINT) is lib._interrupted:  # torch has loaded: Ctrl-C is KeyboardInterrupt again
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 def fail(message):
@@ -124,6 +130,43 @@ def check_ranges(config, notes):
             fail(f"--{error}")
 
 
+# A note may go on, after its range, with relations to other settings, each after a comma:
+#     min_lr = 6e-5           # >= 0, <= learning_rate
+#     lr_decay_iters = 0      # >= 0, >= warmup_iters unless 0; ...
+#     double_quant = True     # only with quantize=nf4; ...
+# "OP key" compares the two settings' values ("unless 0": a 0 means something else and passes);
+# "only with key=value": a setting changed from its default needs that other setting's value.
+_RELATION = re.compile(r",\s*(?:(<=|<|>=|>)\s*([A-Za-z_]\w*)( unless 0)?|only with ([A-Za-z_]\w*)=([^\s;,]+))")
+_COMPARE = {"<=": lambda a, b: a <= b, "<": lambda a, b: a < b, ">=": lambda a, b: a >= b, ">": lambda a, b: a > b}
+
+
+def relations(note):
+    """The relations a note states, as ("compare", op, key, unless_0) or ("only with", key, value)."""
+    bounds = valid_range(note)
+    rest, found = note[len(bounds[4]) if bounds else 0:], []
+    if not bounds and rest.startswith("only with"):
+        rest = ", " + rest
+    while m := _RELATION.match(rest):
+        found.append(("compare", m.group(1), m.group(2), bool(m.group(3))) if m.group(1) else
+                     ("only with", m.group(4), m.group(5)))
+        rest = rest[m.end():]
+    return found
+
+
+def check_relations(config, defaults, notes):
+    """Every relation a note states between settings holds."""
+    for key, value in config.items():
+        for relation in relations(notes.get(key, ("", ""))[1]):
+            if relation[0] == "compare":
+                _, op, other, unless_0 = relation
+                if not (unless_0 and value == 0) and not _COMPARE[op](value, config[other]):
+                    fail(f"--{key}={value} must be {op} --{other}={config[other]}"
+                         + (" (or 0)" if unless_0 else "") + ": change one of them")
+            elif value != defaults[key] and str(config[relation[1]]) != relation[2]:
+                fail(f"--{key}={value} goes only with --{relation[1]}={relation[2]}, not --{relation[1]}="
+                     f"{config[relation[1]]}: leave --{key} out, or set --{relation[1]}={relation[2]}")
+
+
 def print_help(defaults, notes, doc):
     """The script's docstring, then every setting with its default and note, by group."""
     lines = [doc or "", "settings (--key=value), with their defaults:"]
@@ -153,9 +196,7 @@ def _check_key(key, defaults, where):
 
 
 def _coerce(key, value, default, where):
-    """Check value against the default's type; ints may stand for floats."""
-    if default is None or value is None:
-        return value
+    """Check value against the default's type; ints may stand for floats. None is no value."""
     kind = type(default)
     if kind is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
@@ -180,6 +221,9 @@ def _parse_literal(text, default):
     return text if isinstance(default, str) and not isinstance(value, str) else value
 
 
+PATH_KEY = re.compile(r"(_dir|_path|^out|^input|^init_from|^adapter)$")  # the settings that name files or folders
+
+
 def run_config_file(path):
     """The names a config file assigns; a file that cannot be read, parsed or run is one line
     naming the file and the line at fault."""
@@ -195,6 +239,9 @@ def run_config_file(path):
         exec(compile(source, path, "exec"), namespace)
     except SyntaxError as e:
         fail(f"config file {path}, line {e.lineno}: {e.msg}")
+    except SystemExit:  # exit() or sys.exit() would end the run without a word, with status 0
+        line = next((f.lineno for f in reversed(traceback.extract_tb(sys.exc_info()[2])) if f.filename == path), "?")
+        fail(f"config file {path}, line {line}: it calls exit(); a config file only assigns settings")
     except Exception as e:
         line = next((f.lineno for f in reversed(traceback.extract_tb(e.__traceback__)) if f.filename == path), "?")
         fail(f"config file {path}, line {line}: {type(e).__name__}: {e}")
@@ -221,7 +268,11 @@ def configure(defaults, argv=None, doc=None, source=None):
                 fail(f"--{key} needs a value: --{key}=...")
             text = "True"
         config[key] = _coerce(key, _parse_literal(text, defaults[key]), defaults[key], "the command line")
+    for key, value in config.items():  # ~ is the home folder, as in a shell (which leaves --key=~/x alone)
+        if isinstance(value, str) and PATH_KEY.search(key) and value.startswith("~"):
+            config[key] = os.path.expanduser(value)
     check_ranges(config, notes)
+    check_relations(config, defaults, notes)
     return config
 
 

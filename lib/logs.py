@@ -1,15 +1,27 @@
 """The run's log: a JSON line per step or evaluation, the printed lines, and the plot drawn from the log."""
+import importlib.util
 import json
 import os
+import sys
 
 from lib.benchmarks import TASKS
+from lib.cli import fail
 from lib.files import atomic_write
+
+
+def warn(what, path, error):
+    """A log or a plot that could not be written: one line, and training goes on, as the
+    checkpoints hold all it needs."""
+    print(f"warning: could not write {what} {path}: {error.strerror or error}; training goes on", file=sys.stderr)
 
 
 def log_record(path, record, wandb_run=None):
     """Append one JSON line to the log (and send the numbers to Weights & Biases)."""
-    with open(path, "a") as f:
-        f.write(json.dumps(record) + "\n")
+    try:
+        with open(path, "a") as f:
+            f.write(json.dumps(record) + "\n")
+    except OSError as e:
+        warn("the log", path, e)
     if wandb_run is not None:
         wandb_run.log({k: v for k, v in record.items() if isinstance(v, (int, float))}, step=record["iter"])
 
@@ -35,6 +47,13 @@ def log_eval(path, it, losses, best_val_loss, extra, wandb_run=None, printed="")
     log_record(path, {"iter": it, "train_loss": losses["train"], "val_loss": losses["val"],
                       "best_val_loss": best_val_loss, **extra}, wandb_run)
     plot_log(path, os.path.join(os.path.dirname(path), "loss.png"))
+
+
+def require_wandb():
+    """--wandb_log=True needs the wandb package, which neither requirements file installs."""
+    if importlib.util.find_spec("wandb") is None:
+        fail("--wandb_log=True needs the wandb package, which the requirements leave out: pip install wandb "
+             "(and wandb login), or leave --wandb_log out")
 
 
 def start_wandb(project, name, cfg):
@@ -83,5 +102,8 @@ def plot_log(log_path, png_path):
         ax.set(title=title)
     for ax in axes[-1]:
         ax.set(xlabel="iteration")
-    with atomic_write(png_path) as f:
-        fig.savefig(f, format="png", dpi=90)
+    try:
+        with atomic_write(png_path) as f:
+            fig.savefig(f, format="png", dpi=90)
+    except OSError as e:
+        warn("the plot", png_path, e)

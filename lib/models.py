@@ -72,7 +72,10 @@ def build_model(c, vocab_size, ckpt):
         except (ValueError, FileNotFoundError, DownloadError) as e:
             fail(f"--init_from={c.init_from}: {e}")
     if ckpt is None:
-        add_adapters(model, vars(c))
+        try:
+            add_adapters(model, vars(c))
+        except ValueError as e:
+            fail(f"--lora_rank={c.lora_rank}: {e}")
     if vocab_size > model.config.vocab_size:
         fail(f"the dataset's vocabulary ({vocab_size}) is larger than the model's ({model.config.vocab_size})")
     return model

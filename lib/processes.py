@@ -39,11 +39,16 @@ def exit_ddp(status=0):
         raise SystemExit(status)
 
 
-def check_fsdp(fsdp, quantize, dtype):
+def check_fsdp(fsdp, quantize, dtype, world_size, resuming):
+    """--fsdp=True where it cannot work, or would do nothing. A run written under FSDP may resume
+    on one process, which then holds the whole model."""
     if fsdp and quantize == "nf4":
         fail("--fsdp=True cannot shard 4-bit NF4 weights: use --quantize=none, or DDP (--fsdp=False) for QLoRA")
     if fsdp and dtype == "float16":
         fail("--fsdp=True with float16 would need a sharded GradScaler: use --dtype=bfloat16 (or float32)")
+    if fsdp and world_size == 1 and not resuming:
+        fail("--fsdp=True shards the model over the processes that torchrun starts, and there is one: start with "
+             "torchrun --standalone --nproc_per_node=N, or leave --fsdp out")
 
 
 @contextmanager

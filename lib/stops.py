@@ -1,4 +1,4 @@
-"""Stopping a run cleanly on Ctrl-C or SIGTERM: finish the step, write a checkpoint, say how to go on."""
+"""Stopping a run cleanly on Ctrl-C, SIGTERM or SIGHUP: finish the step, write a checkpoint, say how to go on."""
 import os
 import signal
 from contextlib import contextmanager
@@ -9,10 +9,13 @@ import torch.distributed as dist
 from lib import processes
 
 
+# Ctrl-C; what a cluster sends before it preempts a job; a closed terminal or SSH session (not on Windows)
+STOPS = (signal.SIGINT, signal.SIGTERM, *([signal.SIGHUP] if hasattr(signal, "SIGHUP") else []))
+
+
 @contextmanager
 def stop_signals(announce=True):
-    """Within it, Ctrl-C (SIGINT) and SIGTERM, which clusters send before they preempt a job, do
-    not stop the run at once: they are recorded in the list it yields, and the training loop
+    """Within it, the STOPS signals do not stop the run at once: they are recorded in the list it yields, and the training loop
     finishes its step, writes a checkpoint and exits. A second one stops at once, which is safe too:
     checkpoints are written atomically, so the last one is whole."""
     caught = []
@@ -25,7 +28,7 @@ def stop_signals(announce=True):
         if announce:
             os.write(2, f"{signal.Signals(signum).name}: stopping after this step (again to stop at once)\n".encode())
 
-    previous = {sig: signal.signal(sig, handler) for sig in (signal.SIGINT, signal.SIGTERM)}
+    previous = {sig: signal.signal(sig, handler) for sig in STOPS}
     try:
         yield caught
     finally:
@@ -43,10 +46,13 @@ def agreed_stop(caught, world_size, device):
     return int(flag.item())
 
 
-def stop_message(it, ckpt_path, script, out_dir, world_size):
+def resume_command(script, out_dir, world_size):
     launcher = f"torchrun --standalone --nproc_per_node={world_size}" if world_size > 1 else "python"
-    return (f"stopped at iteration {it}; checkpoint in {ckpt_path}; resume with: "
-            f"{launcher} {script} --init_from=resume --out_dir={out_dir}")
+    return f"{launcher} {script} --init_from=resume --out_dir={out_dir}"
+
+
+def stop_message(it, ckpt_path, script, out_dir, world_size):
+    return f"stopped at iteration {it}; checkpoint in {ckpt_path}; resume with: {resume_command(script, out_dir, world_size)}"
 
 
 def exit_resumable(signum, it, out_dir, script, world_size, master, wandb_run=None):

@@ -3,6 +3,7 @@ of bad inputs per script, run through each script's main() (and a sample of them
 processes), each asserting the exit status, a single line, no traceback and the words it must say."""
 import json
 import os
+import signal
 import subprocess
 import sys
 
@@ -48,6 +49,8 @@ def files(tmp_path_factory):
         torch.save({"iter": 5, "config": {"init_from": "gpt2"}, "script": script}, root / f"by-{script}" / "ckpt.pt")
     (root / "syntax.py").write_text("batch_size = 4\nlearning_rate = (1e-3\n")
     (root / "raises.py").write_text("batch_size = 4\nlearning_rate = 1 / 0\n")
+    (root / "none.py").write_text("batch_size = None\n")
+    (root / "exits.py").write_text("batch_size = 4\nexit()\n")
     (root / "notpython.txt").write_text("hello")
     return root
 
@@ -124,6 +127,17 @@ TRAIN = [
     (["--fsdp=True", "--lora_rank=4", "--quantize=nf4"], "--fsdp=True cannot shard 4-bit NF4 weights"),
     (["--fsdp=True", "--dtype=float16"], "--fsdp=True with float16 would need a sharded GradScaler"),
     (["--compile=True", "--activation_checkpointing=True", "--dropout=0.1"], "recomputes dropout with other masks"),
+    (["--batch_size=None"], "--batch_size in the command line expects int (like 8), got None"),
+    (["--learning_rate=None"], "--learning_rate in the command line expects float"),
+    (["--compile=None"], "--compile in the command line expects bool"),
+    (["{root}/none.py"], "--batch_size in {root}/none.py expects int"),
+    (["{root}/exits.py"], "config file {root}/exits.py, line 2: it calls exit()"),
+    (["--min_lr=1e-2"], "--min_lr=0.01 must be <= --learning_rate=0.0006"),
+    (["--learning_rate=1e-5"], "--min_lr=6e-05 must be <= --learning_rate=1e-05"),
+    (["--lr_decay_iters=50"], "--lr_decay_iters=50 must be > --warmup_iters=100 (or 0)"),
+    (["--lr_decay_iters=100"], "--lr_decay_iters=100 must be > --warmup_iters=100"),
+    (["--fsdp=True"], "--fsdp=True shards the model over the processes that torchrun starts, and there is one"),
+    (["--lora_rank=17"], "--lora_rank=17: LoRA rank 17 is larger than attn.c_attn's 48 x 16 weight"),
 ]
 
 
@@ -154,6 +168,10 @@ FINETUNE = [
     (["--init_from=scratch"], "fine-tuning starts from trained weights"),
     (["--lora_rank=0", "--quantize=nf4"], "it needs --lora_rank > 0"),
     (["--fsdp=True", "--quantize=nf4"], "--fsdp=True cannot shard 4-bit NF4 weights"),
+    (["--double_quant=False"], "--double_quant=False goes only with --quantize=nf4, not --quantize=none"),
+    (["--data=alpaca"], "goes only with --data=alpaca-cleaned, not --data=alpaca"),
+    (["--batch_size=None"], "--batch_size in the command line expects int"),
+    (["--lora_rank=2000"], "--lora_rank=2000: LoRA rank 2000 is larger than"),
     (["--fsdp=True", "--dtype=float16"], "--fsdp=True with float16 would need a sharded GradScaler"),
     (["--data=nope", "--data_path="], "--data=nope is not one of alpaca-cleaned, alpaca"),
     (["--data_path={root}/missing.json"], "cannot read {root}/missing.json as Alpaca JSON"),
@@ -295,3 +313,48 @@ def test_scripts_import_library_modules_only():
                        capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr
     assert not set(eval(r.stdout)) & (scripts - {"sample"})
+
+
+def test_wandb_log_without_wandb_is_one_line_before_any_work(files, monkeypatch, capsys):
+    import importlib.util
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "wandb" else find_spec(name, *a))
+    with pytest.raises(SystemExit) as e:
+        train.main(toy(files) + ["--wandb_log=True", f"--out_dir={files / 'never'}"])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and err.count("\n") == 1 and "needs the wandb package" in err and "pip install wandb" in err
+    assert not (files / "never").exists()  # refused before any work: not even the out_dir was made
+
+
+def test_a_home_folder_path_is_expanded(tmp_path, monkeypatch):
+    """--out_dir=~/x means the home folder's x, as in a shell, not a folder named ~ in this one."""
+    monkeypatch.setenv("HOME", str(tmp_path))
+    cfg = cli.configure({"out_dir": "out", "init_from": "", "start": ""}, ["--out_dir=~/runs/a", "--start=~/not a path"])
+    assert cfg["out_dir"] == str(tmp_path / "runs" / "a") and cfg["start"] == "~/not a path"
+
+
+def test_relations_between_settings_come_from_the_notes(tmp_path):
+    script = tmp_path / "s.py"
+    script.write_text("# ---------- defaults\nlow = 1.0        # >= 0, <= high\nhigh = 2.0       # > 0\n"
+                      "cap = 0          # >= 0, > low unless 0; 0: none\nmode = 'a'\n"
+                      "extra = False    # only with mode=b; extra work\n# ----------\n")
+    defaults = {"low": 1.0, "high": 2.0, "cap": 0, "mode": "a", "extra": False}
+    assert cli.relations(cli.read_notes(script)["cap"][1]) == [("compare", ">", "low", True)]
+    assert cli.configure(defaults, ["--low=2", "--cap=0"], source=str(script))["low"] == 2
+    assert cli.configure(defaults, ["--extra=True", "--mode=b"], source=str(script))["extra"] is True
+    for bad in (["--low=3"], ["--cap=1"], ["--extra=True"]):
+        with pytest.raises(SystemExit):
+            cli.configure(defaults, bad, source=str(script))
+
+
+def test_ctrl_c_while_torch_loads_is_one_line(tmp_path):
+    """The moment one sees a typo in the command: Ctrl-C while the imports run ends with one line and
+    status 130. Sent once lib has loaded and while torch loads (about a second here)."""
+    proc = subprocess.Popen([sys.executable, "-X", "importtime", str(ROOT / "train.py"), "--help"], cwd=ROOT,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    for line in proc.stderr:  # importtime writes a line as each module finishes loading
+        if line.rstrip().endswith("| lib"):
+            break
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130 and "Traceback" not in err and "interrupted" in err, err[-2000:]

@@ -6,6 +6,7 @@ import os
 import shutil
 import signal
 import re
+import resource
 import subprocess
 import sys
 import time
@@ -341,7 +342,7 @@ def wait_for(proc, prefix):
 LONG = ["--max_iters=100000", "--lr_decay_iters=60", "--eval_interval=30", "--dropout=0.1"]
 
 
-@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM, signal.SIGHUP])
 def test_a_signal_stops_after_the_step_with_a_checkpoint_and_resume_is_exact(trained, data_dir, tmp_path, sig):
     out = tmp_path / "stopped"
     proc = start(LONG, data_dir, out)
@@ -631,3 +632,34 @@ def test_clock_counts_seconds_per_iteration_between_laps(monkeypatch):
     assert clock.lap(3) == 1.0         # iteration 3 in 1 s
     clock.restart(5)                   # an evaluation: t = 30, iteration 5 next
     assert clock.lap(6) == 2.0         # iterations 5, 6 in 4 s
+
+
+def test_a_full_disk_stops_the_run_with_one_line_and_the_last_checkpoint_whole(data_dir, tmp_path):
+    """A file-size limit stands for a full disk: the checkpoint cannot be written, the run stops
+    with one line naming it, the cause and the command that resumes, and the last checkpoint,
+    whole, resumes once there is room."""
+    out = tmp_path / "run"
+    run(["--max_iters=4", "--eval_interval=4"], data_dir, out)
+    before = (out / "ckpt.pt").read_bytes()
+
+    def small_files():
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past the limit then fails with EFBIG
+        resource.setrlimit(resource.RLIMIT_FSIZE, (len(before) // 2, len(before) // 2))
+    r = subprocess.run(command(["--init_from=resume", "--max_iters=8"], data_dir, out), capture_output=True, text=True,
+                       cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"}, preexec_fn=small_files, timeout=300)
+    lines = [line for line in r.stderr.splitlines() if line.startswith(("error", "Traceback"))]
+    assert r.returncode == 2 and len(lines) == 1 and "Traceback" not in r.stderr, r.stderr
+    assert f"cannot write the checkpoint {out / 'ckpt.pt'}: File too large" in lines[0]
+    assert f"resume with: python train.py --init_from=resume --out_dir={out}" in lines[0]
+    assert (out / "ckpt.pt").read_bytes() == before and not list(out.glob("*.tmp"))
+    run(["--init_from=resume", "--max_iters=8"], data_dir, out, tiny=False)
+    assert torch.load(out / "ckpt.pt", weights_only=True)["iter"] == 8
+
+
+def test_a_plot_that_cannot_be_written_is_a_warning_and_training_goes_on(data_dir, tmp_path):
+    out = tmp_path / "run"
+    (out / "loss.png.tmp").mkdir(parents=True)  # where the plot is written first: a folder, so the write fails
+    result = run(["--max_iters=4", "--eval_interval=2"], data_dir, out)
+    warnings = [line for line in result.stderr.splitlines() if "loss.png" in line]
+    assert warnings and all(line.startswith("warning: could not write the plot") for line in warnings)
+    assert torch.load(out / "ckpt.pt", weights_only=True)["iter"] == 4
