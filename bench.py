@@ -278,7 +278,7 @@ def bench_tokenize(mb=200, repeat=2):
             driver = ("import sys, time, prepare_data; t = time.perf_counter(); prepare_data.main(sys.argv[1:]); "
                       "print('seconds', time.perf_counter() - t)")
             out, peak = run_reporting_peak_rss(driver, "text", f"--input={corpus}", f"--out_dir={os.path.join(d, 'out')}",
-                                               f"--workers={workers}", "--force")
+                                               f"--workers={workers}", "--force", "--documents=paragraphs")
             with open(os.path.join(d, "out", "meta.json")) as f:
                 tokens = sum(split["tokens"] for split in json.load(f)["splits"].values())
             return float(out.split("seconds")[1].split()[0]), tokens, peak

@@ -252,10 +252,17 @@ def main(argv=None):
     ckpt_path = os.path.join(cfg["out_dir"], "ckpt.pt")
     if ckpt is not None:
         cfg["init_from"] = ckpt["config"]["init_from"]  # the base model, so that the next resume finds it too
+    for key in ("init_from", "data_path"):  # recorded so that a resume from another folder finds them
+        if cfg[key] and os.path.exists(cfg[key]):
+            cfg[key] = os.path.abspath(cfg[key])
     c = SimpleNamespace(**cfg)
     models.check_adapters(cfg)
     if c.init_from == "scratch":
-        cli.fail("fine-tuning starts from trained weights: --init_from=gpt2 (or another GPT-2, or a HF directory)")
+        cli.fail("fine-tuning starts from trained weights: --init_from=gpt2 (or another GPT-2, a HF directory, or "
+                 "a train.py out_dir)")
+    if models.run_dir(c.init_from) and checkpoints.load(os.path.join(c.init_from, "ckpt.pt"))["tokenizer"] != "gpt2":
+        cli.fail(f"--init_from={c.init_from} was trained on other token ids than gpt2's, which Alpaca's prompts are "
+                 f"encoded with: fine-tune a model trained with --tokenizer=gpt2")
     cli.writable_dir(c.out_dir)
     lr = c.learning_rate or (3e-4 if c.lora_rank else 3e-5)
     rank, world_size, device = processes.setup_ddp(cli.pick_device(c.device))
@@ -364,7 +371,7 @@ def main(argv=None):
                 checkpoint(it, evaluated=False)
                 stops.exit_resumable(stop, it, c.out_dir, "finetune_alpaca.py", world_size, master)
     if master:
-        print(f"done: {c.max_iters} iterations; checkpoint in {ckpt_path}, log in {log_path}")
+        print(logs.done_line(start_iter, c.max_iters, ckpt_path, log_path))
     if c.merge:
         write_merged(c, model, enc.n_vocab, master)
     processes.exit_ddp()

@@ -5,6 +5,7 @@
     python prepare_data.py shakespeare
     python prepare_data.py wikitext103                          # and wikitext2
     python prepare_data.py text --input=input.txt --val_fraction=0.1 --out_dir=data/mytext
+    python prepare_data.py text --input=stories/ --documents=paragraphs  # *.txt under stories/; EOT per paragraph
 
 A shard is llm.c's format: a header of 256 int32 (magic, version, token count), then the tokens,
 uint16 when the vocabulary fits, else uint32. Every document is followed by the EOT token. Text is
@@ -17,10 +18,13 @@ What counts as a document:
                 the files are cut from a longer stream, and those ends can be broken stories.
   wikitext*     one article: the rows from one ` = Title = ` row to the next, joined as the lines
                 they were (an empty row is an empty line), stripped.
-  text          the paragraphs between blank lines (--documents=paragraphs), or each file whole
-                (--documents=files); stripped, empty ones dropped. Folders give every *.txt file
-                inside them, sorted by path.
-  shakespeare   text with --documents=files: one document per split.
+  text          each file whole (--documents=files, the default), or the paragraphs between blank
+                lines (--documents=paragraphs); stripped, empty ones dropped. Folders give every
+                *.txt file inside them, sorted by path. A file is one stream of text by default, as
+                nanoGPT has input.txt: with paragraphs, a model trained on a play learns to end every
+                speech with EOT, and samples stop there. Paragraphs suit a file of short separate
+                texts, one per paragraph.
+  shakespeare   like text by default, on one file: one document per split.
 For text and shakespeare, val is the last --val_fraction of the bytes, starting at the first line
 after that point (a document crossing it is cut in two): deterministic, and val is text the model
 has not seen any of.
@@ -29,6 +33,7 @@ import codecs
 import json
 import os
 import re
+import stat
 import sys
 import time
 from collections import deque
@@ -271,32 +276,50 @@ def plain_text(sources, per_file, cfg):
     return {split: (sources, reader(split)) for split in SPLITS}
 
 
+def input_stat(path, label):
+    """The stat of an --input path (through links), or one line saying why it cannot be read."""
+    try:
+        return path.stat()
+    except FileNotFoundError:
+        if path.is_symlink():
+            cli.fail(f"{label} is a broken symbolic link to {os.readlink(path)}; fix or remove it")
+        cli.fail(f"{label} does not exist")
+    except OSError as e:
+        cli.fail(f"cannot read {label}: {e.strerror}")
+
+
 def text_files(cfg):
-    """The files named by --input (comma-separated), a folder standing for the *.txt files in it."""
+    """The files named by --input (comma-separated), a folder standing for the *.txt files in it;
+    each file once."""
     if not cfg["input"]:
         cli.fail("text needs --input=FILE (several: --input=a.txt,b.txt; or a folder of .txt files)")
-    paths = []
+    sources, seen = [], {}
     for name in cfg["input"].split(","):
-        path = Path(name).expanduser()
-        if path.is_dir():
-            found = sorted(p for p in path.rglob("*.txt") if p.is_file())
+        if not name:
+            cli.fail(f"--input={cfg['input']} has an empty item; remove the stray comma")
+        path = Path(os.path.expanduser(name))
+        found, folder = [path], stat.S_ISDIR(input_stat(path, f"--input {path}").st_mode)
+        if folder:
+            found = sorted(p for p in path.rglob("*.txt") if not p.is_dir())
             if not found:
                 cli.fail(f"--input folder {path} holds no .txt files")
-            paths += found
-        elif path.is_file():
-            paths.append(path)
-        else:
-            cli.fail(f"--input file {path} does not exist")
-    sources = []
-    for path in paths:
-        try:
-            with open(path, "rb"):  # readable at all?
-                stat = path.stat()
-        except OSError as e:
-            cli.fail(f"cannot read --input file {path}: {e.strerror}")
-        if stat.st_size == 0:
-            cli.fail(f"--input file {path} is empty")
-        sources.append({"path": str(path.resolve()), "bytes": stat.st_size, "mtime_ns": stat.st_mtime_ns})
+        for file in found:
+            label = f"{file} in --input folder {path}" if folder else f"--input {path}"
+            info = input_stat(file, label)
+            if not stat.S_ISREG(info.st_mode):
+                cli.fail(f"{label} is not a regular file; give text files or folders of .txt files")
+            key = info.st_dev, info.st_ino  # the same for two spellings, a link, a file inside a listed folder
+            if key in seen:
+                cli.fail(f"--input names the same file twice: {seen[key]} and {file if folder else name}; "
+                         f"list each file once")
+            seen[key] = file if folder else name
+            try:
+                open(file, "rb").close()  # readable at all?
+            except OSError as e:
+                cli.fail(f"cannot read {label}: {e.strerror}")
+            if info.st_size == 0:
+                cli.fail(f"{label} is empty")
+            sources.append({"path": str(file.resolve()), "bytes": info.st_size, "mtime_ns": info.st_mtime_ns})
     return sources
 
 
@@ -319,7 +342,7 @@ def fetch(source):
     except downloads.DownloadError as e:
         instead = ("HF_ENDPOINT=<a mirror of the hub>" if "repo" in source else
                    "--url=<another copy>, or a local copy with `python prepare_data.py text --input=input.txt "
-                   "--documents=files --out_dir=data/shakespeare`")
+                   "--out_dir=data/shakespeare`")
         cli.fail(f"{e}. Without it: {instead}; or any text of your own with `python prepare_data.py text --input=...`")
     return Path(source["path"])
 
@@ -332,7 +355,7 @@ DEFAULTS = {
     "tokenizer": "gpt2",        # any tiktoken encoding, e.g. cl100k_base
     "version": 2,               # tinystories: 2 = TinyStoriesV2-GPT4 (GPT-4 stories only), 1 = the original files
     "input": "",                # text: files and folders, comma-separated
-    "documents": "paragraphs",  # text: "paragraphs" (split on blank lines) or "files" (one document per file)
+    "documents": "files",       # text: "files" (each file one document) or "paragraphs" (split on blank lines)
     "val_fraction": 0.1,        # (0, 1); text, shakespeare: the last this much of the bytes is val
     "url": SHAKESPEARE_URL,     # shakespeare: where input.txt comes from (a mirror, say)
     "errors": "strict",         # undecodable UTF-8: "strict" stops and says where, "replace" substitutes U+FFFD
@@ -345,7 +368,7 @@ DEFAULTS = {
 APPLIES_TO = {"version": {"tinystories"}, "input": {"text"}, "documents": {"text"},
               "val_fraction": {"text", "shakespeare"}, "url": {"shakespeare"},
               "errors": {"tinystories", "text", "shakespeare"}}
-CHOICES = {"version": (1, 2), "documents": ("paragraphs", "files"), "errors": ("strict", "replace")}
+CHOICES = {"version": (1, 2), "documents": ("files", "paragraphs"), "errors": ("strict", "replace")}
 
 
 def check(cfg):
@@ -415,9 +438,9 @@ def main(argv=None):
         enc = datasets.get_tokenizer(cfg["tokenizer"])
     except (ValueError, downloads.DownloadError) as e:
         cli.fail(str(e))
-    out_dir = Path(cfg["out_dir"] or Path("data") / cfg["dataset"])
+    plan = DATASETS[cfg["dataset"]](cfg)  # checks --input before any folder is made
+    out_dir = Path(os.path.expanduser(cfg["out_dir"]) or Path("data") / cfg["dataset"])
     cli.writable_dir(out_dir)
-    plan = DATASETS[cfg["dataset"]](cfg)
     current = settings(cfg, enc)
     record = {} if cfg["force"] else load_record(out_dir, current)
     done = {split: record["splits"][split] for split in SPLITS if finished(record, split, plan[split][0], out_dir)}

@@ -102,7 +102,17 @@ def check(c):
     return task_names
 
 
-def tokenizer(meta):
+def tokenizer(c, meta, ckpt):
+    """The dataset's tokenizer, which must be the one the model reads: GPT-2's weights read gpt2's
+    ids, a resumed run those it began with."""
+    if ckpt is not None or models.run_dir(c.init_from):
+        reads = (ckpt or checkpoints.load(os.path.join(c.init_from, "ckpt.pt")))["tokenizer"]
+    else:
+        reads = None if c.init_from == "scratch" else "gpt2"
+    if reads and meta["tokenizer"] != reads:
+        model = "the checkpoint's model" if ckpt is not None else f"--init_from={c.init_from}"
+        cli.fail(f"{os.path.join(c.data_dir, c.dataset)} holds {meta['tokenizer']} token ids, and {model} reads "
+                 f"{reads} ids: prepare the data with --tokenizer={reads}, or start from scratch")
     try:
         return datasets.get_tokenizer(meta["tokenizer"])
     except (ValueError, downloads.DownloadError) as e:
@@ -148,6 +158,7 @@ def sample(model, enc, prompt, c, sharded, device, dtype):
 
 def main(argv=None):
     cfg, ckpt = checkpoints.run_config(DEFAULTS, MODEL_KEYS, argv, __doc__, __file__)
+    cfg["data_dir"] = os.path.abspath(cfg["data_dir"])  # recorded so that a resume from another folder finds it
     c = SimpleNamespace(**cfg)
     task_names = check(c)
     rank, world_size, device = processes.setup_ddp(cli.pick_device(c.device))
@@ -165,7 +176,7 @@ def main(argv=None):
     folder = os.path.join(c.data_dir, c.dataset)
     meta = datasets.read_meta(folder, c.block_size)
     get_batch = datasets.batch_loader(folder, c.batch_size, c.block_size, device, c.seed)
-    enc = tokenizer(meta)
+    enc = tokenizer(c, meta, ckpt)
     with processes.rank_zero_first():  # GPT-2's weights and the benchmarks' files are downloaded once
         model = models.build_model(c, meta["vocab_size"], ckpt).to(device)
         tasks = [benchmarks.load_task(name, enc, model.config, limit=c.eval_limit) for name in task_names]
@@ -232,7 +243,7 @@ def main(argv=None):
                 checkpoint(it, evaluated=False)
                 stops.exit_resumable(stop, it, c.out_dir, "train.py", world_size, master, wandb_run)
     if master:
-        print(f"done: {c.max_iters} iterations; checkpoint in {os.path.join(c.out_dir, 'ckpt.pt')}, log in {log_path}")
+        print(logs.done_line(start_iter, c.max_iters, os.path.join(c.out_dir, "ckpt.pt"), log_path))
     if wandb_run is not None:
         wandb_run.finish()
     processes.exit_ddp()

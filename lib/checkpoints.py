@@ -60,6 +60,9 @@ def load(path):
     if not isinstance(ckpt, dict) or not isinstance(ckpt.get("config"), dict) or "iter" not in ckpt:
         fail(f"{path} is damaged or not a checkpoint of train.py or finetune_alpaca.py; "
              f"start a new run with another --out_dir")
+    if not isinstance(ckpt.get("model_args"), dict):
+        fail(f"{path} does not record its model's shape (model_args): it was not written by train.py or "
+             f"finetune_alpaca.py; start a new run with another --out_dir")
     return ckpt
 
 
@@ -159,6 +162,7 @@ def run_config(defaults, fixed_keys, argv=None, doc=None, source=None):
     cfg = configure(saved, argv, doc=doc, source=source)
     changed = [k for k in fixed_keys if cfg[k] != saved[k]]
     if changed:
-        fail(f"{ckpt_path} was trained with {', '.join(f'{k}={saved[k]!r}' for k in changed)}; resuming cannot "
-             f"change that to {', '.join(f'{k}={cfg[k]!r}' for k in changed)} (use a new --out_dir)")
+        was = ", ".join(f"{k}={saved[k]!r}" if k in ckpt["config"] else f"{k} unrecorded" for k in changed)
+        fail(f"{ckpt_path} was trained with {was}; resuming cannot change that to "
+             f"{', '.join(f'{k}={cfg[k]!r}' for k in changed)} (use a new --out_dir)")
     return cfg, ckpt

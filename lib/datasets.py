@@ -27,6 +27,7 @@ HEADER_BYTES = HEADER_INTS * 4
 # llm.c's (magic, version) for each token width; the magic alone tells the width
 FORMATS = {np.dtype(np.uint16): (20240520, 1), np.dtype(np.uint32): (20240801, 7)}
 MAX_TOKENS = 2**31 - 1  # the count is an int32
+ID_BOUND = 3  # the header's int32 that holds one more than the largest id (0: not recorded; llm.c leaves it 0)
 
 
 def token_dtype(vocab_size):
@@ -34,10 +35,10 @@ def token_dtype(vocab_size):
     return np.dtype(np.uint16 if vocab_size <= 2**16 else np.uint32)
 
 
-def _header(dtype, count):
+def _header(dtype, count, id_bound=0):
     header = np.zeros(HEADER_INTS, dtype="<i4")
     header[0], header[1] = FORMATS[dtype]
-    header[2] = count
+    header[2], header[ID_BOUND] = count, id_bound
     return header.tobytes()
 
 
@@ -47,14 +48,15 @@ def shard_writer(path, vocab_size):
     The tokens go behind a header whose count is filled in at the end, through atomic_write:
     only a complete file takes the name p, and an error (or Ctrl-C) leaves nothing behind."""
     path, dtype = Path(path), token_dtype(vocab_size)
-    count = 0
+    count = id_bound = 0
 
     def write(tokens):
-        nonlocal count
+        nonlocal count, id_bound
         tokens = np.asarray(tokens)
         if tokens.size and not 0 <= int(tokens.min()) <= int(tokens.max()) < vocab_size:
             raise ValueError(f"{path}: token ids must lie in [0, {vocab_size}), "
                              f"got {int(tokens.min())}..{int(tokens.max())}")
+        id_bound = max(id_bound, int(tokens.max()) + 1 if tokens.size else 0)
         count += tokens.size
         if count > MAX_TOKENS:
             raise ValueError(f"{path}: more than {MAX_TOKENS} tokens do not fit the header's int32 count")
@@ -64,7 +66,7 @@ def shard_writer(path, vocab_size):
         f.write(_header(dtype, 0))
         yield write
         f.seek(0)
-        f.write(_header(dtype, count))
+        f.write(_header(dtype, count, id_bound))
 
 
 def write_tokens(path, tokens, vocab_size):
@@ -96,6 +98,16 @@ def read_tokens(path):
     if count == 0:
         return np.zeros(0, dtype=dtype.newbyteorder("<"))
     return np.memmap(path, dtype=dtype.newbyteorder("<"), mode="r", offset=HEADER_BYTES, shape=(count,))
+
+
+def id_bound(path):
+    """One more than the largest token id in a shard: from its header where prepare_data.py recorded
+    it, else read from the tokens, 16M at a time."""
+    recorded = int(np.fromfile(path, dtype="<i4", count=HEADER_INTS)[ID_BOUND])
+    if recorded:
+        return recorded
+    tokens = read_tokens(path)
+    return max((int(tokens[i:i + 2**24].max()) + 1 for i in range(0, len(tokens), 2**24)), default=0)
 
 
 # ----------------------------------------------------------------------------- the tokenizer
@@ -168,6 +180,10 @@ def read_meta(folder, block_size):
             fail(f"{split} split of {folder}: {e}")
         if count <= block_size:
             fail(f"the {split} split of {folder} has {count} tokens: too few for --block_size={block_size}")
+        bound = id_bound(os.path.join(folder, f"{split}.bin"))
+        if bound > vocab_size:
+            fail(f"the {split} split of {folder} holds token id {bound - 1}, beyond meta.json's vocab_size={vocab_size}: "
+                 f"the shards and meta.json disagree; prepare the dataset again")
     return meta
 
 

@@ -35,6 +35,14 @@ def log_step(path, record, wandb_run=None):
     log_record(path, record, wandb_run)
 
 
+def done_line(start_iter, max_iters, ckpt_path, log_path):
+    """The last line of a run: what it did, or that a resumed one had nothing left to do."""
+    if start_iter >= max_iters > 0:
+        return (f"nothing to do: the run in {ckpt_path} had reached iteration {start_iter} already, and --max_iters="
+                f"{max_iters}; give a larger --max_iters to train on")
+    return f"done: {max_iters} iterations; checkpoint in {ckpt_path}, log in {log_path}"
+
+
 def eval_line(it, losses, best_val_loss):
     return f"eval {it}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f} (best {best_val_loss:.4f})"
 

@@ -5,7 +5,7 @@ import sys
 import torch
 import torch.distributed as dist
 
-from gpt import GPT, GPTConfig, apply_lora, load_adapter, quantize_model, read_adapter_config
+from gpt import GPT, GPTConfig, apply_lora, load_adapter, merge_and_unload, quantize_model, read_adapter_config
 from lib import checkpoints, speed
 from lib.cli import fail
 from lib.downloads import DownloadError
@@ -32,15 +32,23 @@ def add_adapters(model, cfg):
     return model
 
 
+def run_dir(path):
+    """Whether path is the out_dir of a train.py or finetune_alpaca.py run (ckpt.pt, no Hugging Face
+    config.json), which --init_from takes as it takes GPT-2's name or a Hugging Face folder."""
+    return bool(path) and os.path.isfile(os.path.join(path, "ckpt.pt")) and not os.path.isfile(
+        os.path.join(path, "config.json"))
+
+
 def model_class(cfg):
     """GPT, or ChunkedLossGPT where the settings ask for the chunked loss: the same weights either way."""
     return speed.ChunkedLossGPT if cfg.get("chunked_loss") else GPT
 
 
-def model_from_checkpoint(ckpt, cfg=None):
+def model_from_checkpoint(ckpt, cfg=None, every_process=False):
     """The trained model of a checkpoint (with its adapters, if it has any), on the CPU. cfg, when
-    given, is a resumed run's settings: its dropout and lora_dropout replace the saved ones. Under
-    torchrun only rank 0 reads the weights; checkpoints.restore broadcasts them to the others' models."""
+    given, is a run's settings: its dropout and lora_dropout replace the saved ones. Under torchrun
+    only rank 0 reads the weights, which checkpoints.restore broadcasts to the others' models when
+    a run resumes; every_process: each reads them (a new run that starts from them)."""
     if "model" not in ckpt:  # finetune_alpaca.py keeps a LoRA run's adapters alone
         fail(f"this checkpoint holds LoRA adapters only: load them with --init_from={ckpt['config']['init_from']} "
              f"--adapter=<its out_dir>")
@@ -49,7 +57,7 @@ def model_from_checkpoint(ckpt, cfg=None):
         args = {**args, "dropout": cfg["dropout"]}
         settings = {**settings, "lora_dropout": cfg.get("lora_dropout", settings.get("lora_dropout"))}
     model = add_adapters(model_class(cfg or {})(GPTConfig(**args)), settings)
-    if not dist.is_initialized() or dist.get_rank() == 0:
+    if every_process or not dist.is_initialized() or dist.get_rank() == 0:
         model.load_state_dict(ckpt["model"])
     return model
 
@@ -66,6 +74,11 @@ def build_model(c, vocab_size, ckpt):
                                                    pos_emb=c.pos_emb, mlp=c.mlp))
         except ValueError as e:
             fail(str(e))
+    elif run_dir(c.init_from):  # a new run that starts from another run's weights
+        source = checkpoints.load(os.path.join(c.init_from, "ckpt.pt"))
+        model = merge_and_unload(model_from_checkpoint(source, vars(c), every_process=True))
+        print(f"note: a new run from the weights of {c.init_from}; to go on with that run instead, use "
+              f"--init_from=resume --out_dir={c.init_from}", file=sys.stderr)
     else:
         try:
             model = model_class(vars(c)).from_pretrained(c.init_from, dropout=c.dropout)
@@ -85,10 +98,11 @@ def load_model(cfg):
     """The model to sample from or training.evaluate, and the name of its tokenizer, from the settings
     init_from (a gpt2* name, a local HF directory, resume: out_dir/ckpt.pt, or "": gpt2 or the
     adapter's base), adapter and tokenizer. On the CPU."""
-    if cfg["init_from"] == "resume":  # out_dir/ckpt.pt of a train.py run or of a full fine-tune
+    if cfg["init_from"] == "resume" or run_dir(cfg["init_from"]):  # a train.py run or a full fine-tune
         if cfg["adapter"]:
-            fail("--adapter goes with a base model (--init_from=gpt2, ...), not with --init_from=resume")
-        ckpt = checkpoints.load(os.path.join(cfg["out_dir"], "ckpt.pt"))
+            fail(f"--adapter goes with a base model (--init_from=gpt2, ...), not with --init_from={cfg['init_from']}")
+        folder = cfg["out_dir"] if cfg["init_from"] == "resume" else cfg["init_from"]
+        ckpt = checkpoints.load(os.path.join(folder, "ckpt.pt"))
         return model_from_checkpoint(ckpt), ckpt["tokenizer"]
     adapter_error = f"cannot load the adapter in {cfg['adapter']}"
     try:
@@ -98,7 +112,8 @@ def load_model(cfg):
     try:
         model = GPT.from_pretrained(cfg["init_from"] or base)
     except (ValueError, FileNotFoundError, DownloadError) as e:
-        fail(str(e))
+        named = "" if cfg["init_from"] else f" (the base model that {cfg['adapter']}/adapter.json names)"
+        fail(f"{e}{named}")
     if cfg["adapter"]:
         try:
             load_adapter(model, cfg["adapter"])

@@ -29,6 +29,9 @@ def files(tmp_path_factory):
     root = tmp_path_factory.mktemp("mistakes")
     rng = np.random.default_rng(0)
     for name, meta in (("toy", {"tokenizer": "gpt2", "vocab_size": VOCAB}),
+                       ("smallvocab", {"tokenizer": "gpt2", "vocab_size": VOCAB // 2}),
+                       ("unrecorded", {"tokenizer": "gpt2", "vocab_size": VOCAB // 2}),
+                       ("cl100k", {"tokenizer": "cl100k_base", "vocab_size": VOCAB}),
                        ("badvocab", {"tokenizer": "gpt2", "vocab_size": "abc"}),
                        ("negvocab", {"tokenizer": "gpt2", "vocab_size": -3}),
                        ("notoken", {"vocab_size": VOCAB}),
@@ -37,6 +40,10 @@ def files(tmp_path_factory):
         for split in ("train", "val"):
             datasets.write_tokens(root / "data" / name / f"{split}.bin", rng.integers(0, VOCAB, 3000), VOCAB)
         (root / "data" / name / "meta.json").write_text("{oops" if meta is None else json.dumps(meta))
+    for split in ("train", "val"):  # as llm.c writes shards: no largest id in the header, so it is read from the ids
+        with open(root / "data" / "unrecorded" / f"{split}.bin", "r+b") as f:
+            f.seek(4 * datasets.ID_BOUND)
+            f.write(bytes(4))
     torch.manual_seed(0)
     config = transformers.GPT2Config(n_layer=1, n_head=2, n_embd=32, n_positions=256, vocab_size=50257)
     transformers.GPT2LMHeadModel(config).save_pretrained(root / "hf")
@@ -46,7 +53,10 @@ def files(tmp_path_factory):
     (root / "garbage" / "ckpt.pt").write_bytes(os.urandom(4096))
     for script, other in (("train.py", "finetune_alpaca.py"), ("finetune_alpaca.py", "train.py")):
         (root / f"by-{script}").mkdir()
-        torch.save({"iter": 5, "config": {"init_from": "gpt2"}, "script": script}, root / f"by-{script}" / "ckpt.pt")
+        torch.save({"iter": 5, "config": {"init_from": "gpt2"}, "model_args": {}, "script": script},
+                   root / f"by-{script}" / "ckpt.pt")
+    (root / "no-model-args").mkdir()
+    torch.save({"iter": 5, "config": {"init_from": "gpt2"}, "script": "train.py"}, root / "no-model-args" / "ckpt.pt")
     (root / "syntax.py").write_text("batch_size = 4\nlearning_rate = (1e-3\n")
     (root / "raises.py").write_text("batch_size = 4\nlearning_rate = 1 / 0\n")
     (root / "none.py").write_text("batch_size = None\n")
@@ -122,6 +132,8 @@ TRAIN = [
     (["--init_from=resume", "--out_dir={root}/nothing"], "no checkpoint at {root}/nothing/ckpt.pt"),
     (["--init_from=resume", "--out_dir={root}/garbage"], "is damaged or not a checkpoint of train.py or finetune_alpaca.py"),
     (["--out_dir={root}/by-train.py"], "ckpt.pt holds a run already: go on with --init_from=resume"),
+    (["--init_from=resume", "--out_dir={root}/no-model-args"], "does not record its model's shape (model_args)"),
+    (["--init_from=resume", "--out_dir={root}/by-train.py", "--n_layer=3"], "was trained with n_layer unrecorded"),
     (["--init_from=resume", "--out_dir={root}/by-finetune_alpaca.py"],
      "was written by finetune_alpaca.py: resume it with `python finetune_alpaca.py --init_from=resume"),
     (["--fsdp=True", "--lora_rank=4", "--quantize=nf4"], "--fsdp=True cannot shard 4-bit NF4 weights"),
@@ -138,6 +150,11 @@ TRAIN = [
     (["--lr_decay_iters=100"], "--lr_decay_iters=100 must be > --warmup_iters=100"),
     (["--fsdp=True"], "--fsdp=True shards the model over the processes that torchrun starts, and there is one"),
     (["--lora_rank=17"], "--lora_rank=17: LoRA rank 17 is larger than attn.c_attn's 48 x 16 weight"),
+    (["--dataset=smallvocab"], "the train split of {root}/data/smallvocab holds token id 127, beyond meta.json's "
+                               "vocab_size=64"),
+    (["--dataset=unrecorded"], "holds token id 127, beyond meta.json's vocab_size=64"),
+    (["--dataset=cl100k", "--init_from={root}/hf"], "holds cl100k_base token ids, and --init_from={root}/hf reads gpt2 "
+                                                    "ids: prepare the data with --tokenizer=gpt2"),
 ]
 
 

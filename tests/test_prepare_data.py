@@ -3,6 +3,7 @@ loopback mirror in the real layout), the shard format, re-runs, and every bad in
 import hashlib
 import io
 import json
+import os
 import random
 import re
 import subprocess
@@ -75,6 +76,19 @@ def expect_fail(capsys, argv, *fragments):
 
 # ----------------------------------------------------------------------------- shard format
 
+def test_the_largest_id_is_recorded_in_the_header_or_read_from_the_tokens(tmp_path):
+    """train.py checks a shard's ids against the vocabulary before it starts; prepare_data.py's shards
+    say their largest id in the header, llm.c's leave it 0 and are read."""
+    tokens = np.random.default_rng(1).integers(0, 40000, 2**24 + 5)
+    tokens[-1] = 45000
+    datasets.write_tokens(tmp_path / "a.bin", tokens, 50257)
+    assert datasets.id_bound(tmp_path / "a.bin") == 45001
+    with open(tmp_path / "a.bin", "r+b") as f:  # as llm.c writes it
+        f.seek(4 * datasets.ID_BOUND)
+        f.write(bytes(4))
+    assert datasets.id_bound(tmp_path / "a.bin") == 45001 == int(tokens.max()) + 1
+
+
 def test_shards_round_trip_in_the_right_width(tmp_path):
     assert datasets.token_dtype(50257) == np.uint16 and datasets.token_dtype(65536) == np.uint16 and datasets.token_dtype(65537) == np.uint32
     datasets.write_tokens(tmp_path / "a.bin", [0, 1, 50256], 50257)
@@ -83,7 +97,7 @@ def test_shards_round_trip_in_the_right_width(tmp_path):
     assert a.dtype == np.uint16 and a.tolist() == [0, 1, 50256]
     assert b.dtype == np.uint32 and b.tolist() == [0, 65536, 100276]
     header = np.fromfile(tmp_path / "b.bin", dtype="<i4", count=256)
-    assert header[:3].tolist() == [20240801, 7, 3] and not header[3:].any()
+    assert header[:4].tolist() == [20240801, 7, 3, 100277] and not header[4:].any()  # [3]: the largest id + 1
     assert np.fromfile(tmp_path / "a.bin", dtype="<i4", count=3).tolist() == [20240520, 1, 3]
     assert (tmp_path / "a.bin").stat().st_size == 1024 + 3 * 2
     with pytest.raises(ValueError, match="70000"):  # never wrapped into uint16
@@ -124,7 +138,7 @@ def test_text_paragraphs_match_tiktoken(tmp_path, small_blocks):
     paras[5] += " a literal <|endoftext|> stays text"
     text = "\ufeff\n\n" + "".join(p + rng.choice(["\n\n", "\n \n\t\n", "\n\n\n"]) for p in paras)
     (tmp_path / "in.txt").write_text(text, encoding="utf-8")
-    main(["text", f"--input={tmp_path / 'in.txt'}", f"--out_dir={tmp_path / 'out'}"])
+    main(["text", f"--input={tmp_path / 'in.txt'}", "--documents=paragraphs", f"--out_dir={tmp_path / 'out'}"])
 
     train, val = split_reference(text.encode())
     for split, part in (("train", train), ("val", val)):
@@ -157,6 +171,37 @@ def test_text_folder_one_document_per_file(tmp_path, small_blocks):
     assert tokens(tmp_path / "out" / "val.bin") == reference([val.strip()])
 
 
+def test_text_is_one_stream_per_file_by_default(tmp_path):
+    """A play is one document, not one per speech: EOT only at the end of each split, so a model
+    trained on it does not learn to stop after every speech."""
+    rng = random.Random(10)
+    text = "".join(f"{rng.choice(['ROMEO', 'JULIET'])}:\n{paragraph(rng)}\n\n" for _ in range(200))
+    (tmp_path / "play.txt").write_text(text, encoding="utf-8")
+    main(["text", f"--input={tmp_path / 'play.txt'}", f"--out_dir={tmp_path / 'out'}"])
+    train, val = split_reference(text.encode())
+    assert tokens(tmp_path / "out" / "train.bin") == reference([train.strip()])
+    assert tokens(tmp_path / "out" / "val.bin") == reference([val.strip()])
+    meta = json.loads((tmp_path / "out" / "meta.json").read_text())
+    assert meta["options"]["documents"] == "files"
+    assert [meta["splits"][s]["documents"] for s in ("train", "val")] == [1, 1]
+
+
+def test_home_folder_in_paths_is_expanded(tmp_path, monkeypatch):
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    (tmp_path / "home").mkdir()
+    (tmp_path / "cwd").mkdir()
+    monkeypatch.chdir(tmp_path / "cwd")
+    text = "\n".join(sentence(random.Random(i)) for i in range(100))
+    (tmp_path / "home" / "a.txt").write_text(text, encoding="utf-8")
+    (tmp_path / "home" / "b.txt").write_text(text[::-1], encoding="utf-8")
+    main(["text", "--input=~/a.txt,~/b.txt", "--out_dir=~/data/x"])
+    out = tmp_path / "home" / "data" / "x"
+    assert sorted(p.name for p in out.iterdir()) == ["meta.json", "train.bin", "val.bin"]
+    assert list((tmp_path / "cwd").iterdir()) == []  # no folder named ~
+    sources = json.loads((out / "meta.json").read_text())["splits"]["train"]["sources"]
+    assert [s["path"] for s in sources] == [str(tmp_path / "home" / n) for n in ("a.txt", "b.txt")]
+
+
 def test_long_document_is_tokenized_in_pieces_with_the_same_ids(tmp_path, monkeypatch, small_blocks):
     monkeypatch.setattr(prepare_data, "LONG_DOC", 1500)
     rng = random.Random(2)
@@ -179,7 +224,7 @@ def test_cl100k_base_is_stored_as_uint32(tmp_path):
     paras = ["The quick brown fox jumps over the lazy dog " + str(i) + " 日本語の文章" for i in range(50)]
     (tmp_path / "in.txt").write_text("\n\n".join(paras), encoding="utf-8")
     main(["text", f"--input={tmp_path / 'in.txt'}", "--tokenizer=cl100k_base", "--val_fraction=0.2",
-          f"--out_dir={tmp_path / 'out'}"])
+          "--documents=paragraphs", f"--out_dir={tmp_path / 'out'}"])
     train, val = datasets.read_tokens(tmp_path / "out" / "train.bin"), datasets.read_tokens(tmp_path / "out" / "val.bin")
     assert train.dtype == np.uint32 and train.max() > 65535
     assert train.tolist() + val.tolist() == reference(paras, enc)  # the split falls between paragraphs here
@@ -195,7 +240,8 @@ def test_output_bytes_do_not_depend_on_workers(tmp_path, monkeypatch, small_bloc
     shards = []
     for workers in (1, 4, 4):
         out = tmp_path / f"out{len(shards)}"
-        main(["text", f"--input={tmp_path / 'in.txt'}", f"--workers={workers}", f"--out_dir={out}"])
+        main(["text", f"--input={tmp_path / 'in.txt'}", "--documents=paragraphs", f"--workers={workers}",
+              f"--out_dir={out}"])
         shards.append([(out / f"{split}.bin").read_bytes() for split in ("train", "val")])
     assert shards[0] == shards[1] == shards[2]
 
@@ -406,9 +452,51 @@ def test_bad_inputs_exit_2_with_one_line_and_write_nothing(tmp_path, capsys, hub
     expect_fail(capsys, ["wikitext2", out], "pip install pyarrow")
 
 
+def test_input_mistakes_name_the_item_at_fault(tmp_path, capsys, monkeypatch):
+    """Each --input is read once and is a regular file: a duplicate could put val text in train, and a
+    stray comma or a broken link must not change what is read without a word."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "books" / "sub").mkdir(parents=True)
+    for name in ("a.txt", "books/b.txt", "books/sub/c.txt"):
+        (tmp_path / name).write_text("one line\n" * 50)
+    (tmp_path / "books" / "link.txt").symlink_to(tmp_path / "a.txt")
+    (tmp_path / "dangling").mkdir()
+    (tmp_path / "dangling" / "ok.txt").write_text("one line\n" * 50)
+    (tmp_path / "dangling" / "gone.txt").symlink_to(tmp_path / "nowhere.txt")
+    (tmp_path / "broken.txt").symlink_to("nowhere.txt")
+    (tmp_path / "loop.txt").symlink_to("loop.txt")
+    os.mkfifo(tmp_path / "fifo.txt")
+    (tmp_path / "pipes").mkdir()
+    os.mkfifo(tmp_path / "pipes" / "p.txt")
+    cases = [
+        ("a.txt,a.txt", "--input names the same file twice: a.txt and a.txt; list each file once"),
+        ("a.txt,./a.txt", "--input names the same file twice: a.txt and ./a.txt"),
+        (f"a.txt,{tmp_path}/books/../a.txt", f"twice: a.txt and {tmp_path}/books/../a.txt"),
+        ("books/b.txt,books", "--input names the same file twice: books/b.txt and books/b.txt"),
+        ("books,books/sub", "--input names the same file twice: books/sub/c.txt and books/sub/c.txt"),
+        ("a.txt,books", "--input names the same file twice: a.txt and books/link.txt"),  # a link to a.txt
+        ("a.txt,", "--input=a.txt, has an empty item; remove the stray comma"),
+        (",a.txt", "--input=,a.txt has an empty item"),
+        ("a.txt,,books", "--input=a.txt,,books has an empty item"),
+        ("dangling", "dangling/gone.txt in --input folder dangling is a broken symbolic link to "
+                     f"{tmp_path / 'nowhere.txt'}; fix or remove it"),
+        ("broken.txt", "--input broken.txt is a broken symbolic link to nowhere.txt; fix or remove it"),
+        ("loop.txt", "cannot read --input loop.txt: Too many levels of symbolic links"),
+        ("/dev/null", "--input /dev/null is not a regular file; give text files or folders of .txt files"),
+        ("fifo.txt", "--input fifo.txt is not a regular file"),
+        ("pipes", "pipes/p.txt in --input folder pipes is not a regular file"),
+    ]
+    for value, message in cases:
+        expect_fail(capsys, ["text", f"--input={value}", "--out_dir=out"], message)
+        assert not (tmp_path / "out").exists(), value  # nothing made before --input is checked
+
+
 @pytest.mark.parametrize("argv,data,message", [
     (["nosuch"], None, "unknown dataset 'nosuch'"),
     (["text", "--input=in.txt"], b"fine\n\xc3\x28 broken\n" + b"more\n" * 9, "invalid UTF-8 at byte 5 (line 2"),
+    (["text", "--input=in.txt,./in.txt"], b"text\n" * 10, "--input names the same file twice: in.txt and ./in.txt"),
+    (["text", "--input=in.txt,"], b"text\n" * 10, "--input=in.txt, has an empty item"),
+    (["text", "--input=/dev/null"], None, "--input /dev/null is not a regular file"),
 ])
 def test_script_exits_2_without_traceback(tmp_path, argv, data, message):
     if data is not None:
