@@ -109,8 +109,10 @@ def load_model(cfg):
         base = read_adapter_config(cfg["adapter"])["base_model"] if cfg["adapter"] else "gpt2"
     except (OSError, ValueError) as e:
         fail(f"{adapter_error}: {e}")
+    name = cfg["init_from"] or base
     try:
-        model = GPT.from_pretrained(cfg["init_from"] or base)
+        model = (model_from_checkpoint(checkpoints.load(os.path.join(name, "ckpt.pt"))) if run_dir(name) else
+                 GPT.from_pretrained(name))
     except (ValueError, FileNotFoundError, DownloadError) as e:
         named = "" if cfg["init_from"] else f" (the base model that {cfg['adapter']}/adapter.json names)"
         fail(f"{e}{named}")

@@ -368,3 +368,26 @@ def test_a_full_fine_tune_under_fsdp_resumes_on_one_process(hub, tmp_path):
     for run in ("one", "two"):
         fa.main([f"--out_dir={tmp_path / run}", "--init_from=resume", "--max_iters=9"])
     assert_same_log(tmp_path / "one", tmp_path / "two")
+
+
+def test_a_train_py_run_is_fine_tuned_and_its_adapter_found_from_another_folder(hub, tmp_path, monkeypatch, capsys):
+    """--init_from=<a train.py out_dir>: the LoRA adapter records the run's absolute path, so sample.py
+    --adapter finds its base from any folder."""
+    import numpy as np
+    import sample
+    import train
+    (tmp_path / "data" / "toy").mkdir(parents=True)
+    ids = np.random.default_rng(0).integers(0, 1000, 4000)  # GPT-2 token ids, as Alpaca's prompts are
+    for split in ("train", "val"):
+        datasets.write_tokens(tmp_path / "data" / "toy" / f"{split}.bin", ids, 50257)
+    (tmp_path / "data" / "toy" / "meta.json").write_text(json.dumps({"tokenizer": "gpt2", "vocab_size": 50257}))
+    monkeypatch.chdir(tmp_path)
+    train.main(["--data_dir=data", "--dataset=toy", "--n_layer=1", "--n_head=2", "--n_embd=16", "--block_size=128",
+                "--batch_size=2", "--max_iters=2", "--eval_iters=1", "--sample_tokens=0", "--device=cpu",
+                "--dtype=float32", "--out_dir=run"])
+    finetune(tmp_path / "alpaca", "--init_from=run", "--lora_rank=2", "--max_iters=2", "--merge=False")
+    assert json.loads((tmp_path / "alpaca" / "adapter.json").read_text())["base_model"] == str(tmp_path / "run")
+    monkeypatch.chdir(tmp_path / "alpaca")
+    capsys.readouterr()
+    sample.main(["--adapter=.", "--instruction=Say 1.", "--max_new_tokens=3", "--device=cpu", "--dtype=float32"])
+    assert capsys.readouterr().err.count("error") == 0

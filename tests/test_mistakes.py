@@ -320,7 +320,7 @@ def test_scripts_import_library_modules_only():
     """Scripts import library code, never another script: sampling does not load the trainer's
     loop or the data pipeline."""
     import ast
-    scripts = {"prepare_data", "train", "finetune_alpaca", "sample", "bench"}
+    scripts = {"prepare_data", "train", "finetune_alpaca", "sample", "eval", "export", "bench"}
     for name in sorted(scripts):
         tree = ast.parse((ROOT / f"{name}.py").read_text())
         imported = {a.name.split(".")[0] for node in ast.walk(tree) if isinstance(node, ast.Import) for a in node.names}

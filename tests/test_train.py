@@ -663,3 +663,40 @@ def test_a_plot_that_cannot_be_written_is_a_warning_and_training_goes_on(data_di
     warnings = [line for line in result.stderr.splitlines() if "loss.png" in line]
     assert warnings and all(line.startswith("warning: could not write the plot") for line in warnings)
     assert torch.load(out / "ckpt.pt", weights_only=True)["iter"] == 4
+
+
+def test_a_resume_past_max_iters_says_there_is_nothing_to_do(trained, tmp_path, capsys):
+    out = tmp_path / "run"
+    shutil.copytree(trained[0], out)
+    train.main(["--init_from=resume", f"--out_dir={out}", "--max_iters=30"])
+    assert (f"nothing to do: the run in {out / 'ckpt.pt'} had reached iteration 60 already, and --max_iters=30"
+            in capsys.readouterr().out)
+
+
+def test_a_run_starts_from_another_run_s_weights_and_sample_py_reads_a_run_folder(trained, data_dir, tmp_path, capsys):
+    """--init_from=<a train.py out_dir>: a new run from its weights (its first evaluation is the old
+    run's last), and sample.py takes the folder as it takes GPT-2's name."""
+    import sample
+    source = trained[0]
+    train.main([*TINY, f"--data_dir={data_dir}", f"--init_from={source}", f"--out_dir={tmp_path / 'new'}",
+                "--max_iters=2", "--eval_interval=2"])
+    assert "a new run from the weights of" in capsys.readouterr().err
+    (_, old_evals), (_, new_evals) = read_log(source), read_log(tmp_path / "new")
+    assert new_evals[0]["val_loss"] == pytest.approx(old_evals[-1]["val_loss"], abs=1e-5)
+    sample.main([f"--init_from={source}", "--start=A", "--max_new_tokens=4", "--temperature=0", "--device=cpu"])
+    assert capsys.readouterr().out.startswith("A")
+
+
+def test_export_py_writes_a_run_that_transformers_reads_with_the_same_logits(trained, tmp_path, capsys):
+    import export
+    transformers = pytest.importorskip("transformers")
+    export.main([f"--init_from={trained[0]}", f"--export_dir={tmp_path / 'hf'}"])
+    assert "wrote" in capsys.readouterr().out
+    ours = models.model_from_checkpoint(checkpoints.load(trained[0] / "ckpt.pt")).eval()
+    theirs = transformers.GPT2LMHeadModel.from_pretrained(tmp_path / "hf").eval()
+    x = torch.randint(0, VOCAB, (2, 16))
+    with torch.no_grad():
+        torch.testing.assert_close(theirs(x).logits, ours(x)[0], rtol=1e-4, atol=1e-5)
+    with pytest.raises(SystemExit) as e:  # never over an earlier export
+        export.main([f"--init_from={trained[0]}", f"--export_dir={tmp_path / 'hf'}"])
+    assert e.value.code == 2 and "holds an exported model already" in capsys.readouterr().err
