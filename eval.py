@@ -13,6 +13,10 @@
                           and the perplexity of the last word (ppl)
   hellaswag               the validation set, completion style: the likeliest of 4 endings by
                           total (acc) or mean (acc_norm) log-probability per token
+  val                     your own data: the val split of a folder prepare_data.py wrote (--data),
+                          scored as WikiText is: loss per token, perplexity and bits per byte
+
+    python eval.py --init_from=out-shakespeare --tasks=val --data=data/shakespeare
 README ("How good is the model?") says exactly how each is computed, beside the published figures.
 """
 import json
@@ -35,7 +39,8 @@ out_dir = "out"           # eval.json is written here; --init_from=resume reads 
 adapter = ""              # a LoRA or QLoRA adapter directory for init_from's model
 tokenizer = "gpt2"        # for a gpt2* name or HF directory; a checkpoint names its own
 # the tasks
-tasks = "wikitext2,wikitext103,lambada,hellaswag"
+tasks = "wikitext2,wikitext103,lambada,hellaswag"  # and val, for --data
+data = ""                 # a folder prepare_data.py wrote, whose val split --tasks=val scores
 limit = 0                 # >= 0; score only the first N examples of each task (WikiText: lines); 0: all
 stride = 0                # >= 0; how far each WikiText window moves on; 0: half the model's context (512 for GPT-2)
 wikitext_text = "detokenized"  # detokenized: the paper's way | guide: lines joined by blank lines, as transformers' guide
@@ -50,9 +55,13 @@ dtype = "auto"            # auto | float32 | bfloat16 | float16
 
 def check(cfg):
     """Every mistake in the options, before anything is downloaded."""
-    names = benchmarks.parse_tasks(cfg["tasks"], "--tasks")
+    names = benchmarks.parse_tasks(cfg["tasks"], "--tasks", known=(*benchmarks.TASKS, "val"))
     if not names:
-        cli.fail(f"--tasks is empty: name one or more of {', '.join(benchmarks.TASKS)}")
+        cli.fail(f"--tasks is empty: name one or more of {', '.join(benchmarks.TASKS)}, val")
+    if ("val" in names) != bool(cfg["data"]):
+        cli.fail("--tasks=val scores the val split of --data=<a folder prepare_data.py wrote>: give both, or neither")
+    if cfg["data"]:
+        cfg["meta"] = datasets.read_meta(cfg["data"], 1)
     if cfg["wikitext_text"] not in ("detokenized", "guide"):
         cli.fail(f"--wikitext_text={cfg['wikitext_text']!r} is not one of 'detokenized', 'guide'")
     for key in ("lambada_url", "hellaswag_url"):
@@ -89,13 +98,17 @@ def main(argv=None):
         if cfg["stride"] > config.block_size:
             cli.fail(f"--stride={cfg['stride']} is longer than the model's context of {config.block_size} tokens: "
                      f"windows would skip tokens")
+        if cfg["data"] and cfg["meta"]["tokenizer"] != tokenizer_name:
+            cli.fail(f"{cfg['data']} holds {cfg['meta']['tokenizer']} token ids, and the model reads {tokenizer_name} "
+                     f"ids: score it on data prepared with --tokenizer={tokenizer_name}")
         try:
             enc = datasets.get_tokenizer(tokenizer_name)
         except (ValueError, downloads.DownloadError) as e:
             cli.fail(str(e))
         loaded = [benchmarks.load_task(name, enc, config, stride=cfg["stride"], limit=cfg["limit"],
                                        text_form=cfg["wikitext_text"],
-                                       urls={"lambada": cfg["lambada_url"], "hellaswag": cfg["hellaswag_url"]})
+                                       urls={"lambada": cfg["lambada_url"], "hellaswag": cfg["hellaswag_url"]},
+                                       data=cfg["data"])
                   for name in names]
     model.eval().to(device)
     if world_size > 1:  # rank 0 alone read a checkpoint's weights: every process scores with them
@@ -120,7 +133,7 @@ def main(argv=None):
         print("\n".join(table(results)))
         path = os.path.join(cfg["out_dir"], "eval.json")
         record = {"model": {k: cfg[k] for k in ("init_from", "adapter", "tokenizer")},
-                  "settings": {"limit": cfg["limit"], "stride": cfg["stride"] or config.block_size // 2,
+                  "settings": {"data": cfg["data"], "limit": cfg["limit"], "stride": cfg["stride"] or config.block_size // 2,
                                "wikitext_text": cfg["wikitext_text"], "block_size": config.block_size,
                                "dtype": dtype, "device": device, "processes": world_size},
                   "results": results}

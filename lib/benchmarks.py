@@ -13,6 +13,7 @@ one. README, "How good is the model?", says what each number means.
 """
 import json
 import math
+import os
 import re
 from dataclasses import dataclass
 from typing import Callable
@@ -23,7 +24,7 @@ import torch.distributed as dist
 from tqdm import tqdm
 
 from lib.cli import autocast, fail
-from lib.datasets import wikitext_rows
+from lib.datasets import read_tokens, wikitext_rows
 from lib.downloads import DownloadError, hub_file, web_file, web_path
 from lib.speed import exp_shifted_, logit_chunks
 
@@ -35,13 +36,13 @@ LAMBADA_URL = "https://openaipublic.blob.core.windows.net/gpt-2/data/lambada_tes
 HELLASWAG_URL = "https://raw.githubusercontent.com/rowanz/hellaswag/master/data/hellaswag_val.jsonl"
 
 
-def parse_tasks(text, option):
+def parse_tasks(text, option, known=TASKS):
     """The task names of a comma-separated list, each known and named once."""
     names = [name.strip() for name in text.split(",") if name.strip()]
-    unknown = [name for name in names if name not in TASKS]
+    unknown = [name for name in names if name not in known]
     if unknown or len(set(names)) != len(names):
         problem = f"unknown task {unknown[0]!r}" if unknown else "a task named twice"
-        fail(f"{option}={text!r}: {problem}; choose from {', '.join(TASKS)}")
+        fail(f"{option}={text!r}: {problem}; choose from {', '.join(known)}")
     return names
 
 
@@ -222,6 +223,29 @@ def wikitext(name, path, enc, block, stride, limit, text_form):
                 "windows", text)
 
 
+# ----------------------------------------------------------------------------- your own data
+
+def validation_split(folder, enc, block, stride, limit):
+    """A prepared dataset's val split (prepare_data.py's val.bin), scored as WikiText is: windows
+    moving by stride, every token but the first scored once. Bits per byte count the bytes of the
+    text, its <|endoftext|> markers left out. limit: the first limit windows."""
+    tokens = read_tokens(os.path.join(folder, "val.bin")).tolist()
+    windows = wikitext_windows(len(tokens), block, stride)[:limit or None]
+    if len(tokens) < 2:
+        fail(f"the val split of {folder} holds {len(tokens)} token(s): too few to score")
+    scored = tokens[:windows[-1][1] + 1]
+    n_bytes = len(enc.decode_bytes([t for t in scored if t != enc.eot_token]))
+
+    def summarize(table):
+        nll, count = table[:, 0].sum(), table[:, 1].sum()
+        return {"loss": nll / count, "ppl": math.exp(nll / count), "bits_per_byte": nll / math.log(2) / n_bytes,
+                "tokens": int(count)}
+
+    examples = [[(tokens[begin:end + 1], n)] for begin, end, n in windows]
+    return Task("val", examples, lambda i, scores: (-scores[0][0], examples[i][0][1]), summarize, 2, len(examples),
+                "windows")
+
+
 # ----------------------------------------------------------------------------- LAMBADA
 
 def _lambada_problem(record):
@@ -288,9 +312,12 @@ def hellaswag(path, enc, limit):
 
 # ----------------------------------------------------------------------------- loading
 
-def load_task(name, enc, config, *, stride=0, limit=0, text_form="detokenized", urls=None):
+def load_task(name, enc, config, *, stride=0, limit=0, text_form="detokenized", urls=None, data=""):
     """A task ready to run on a model of this config, its file downloaded and its examples
-    tokenized with enc. stride: how far WikiText's windows move, 0 for half the context."""
+    tokenized with enc. stride: how far WikiText's windows move, 0 for half the context. data: the
+    prepared dataset's folder whose val split the task "val" scores."""
+    if name == "val":
+        return validation_split(data, enc, config.block_size, stride or max(1, config.block_size // 2), limit)
     urls = {"lambada": LAMBADA_URL, "hellaswag": HELLASWAG_URL, **(urls or {})}
     path = task_file(name, urls)
     if name in WIKITEXT:
@@ -298,6 +325,8 @@ def load_task(name, enc, config, *, stride=0, limit=0, text_form="detokenized", 
                         text_form)
     else:
         task = (lambada if name == "lambada" else hellaswag)(path, enc, limit)
+    if not task.examples:  # every number would be 0 / 0
+        fail(f"{name}: {path} holds no examples (limit {limit or 'none'}); give the task's whole file")
     if any(max(tokens) >= config.vocab_size for example in task.examples for tokens, _ in example):
         fail(f"{name} tokenized with {enc.name} has token ids beyond the model's vocabulary of {config.vocab_size}")
     return task

@@ -700,3 +700,44 @@ def test_export_py_writes_a_run_that_transformers_reads_with_the_same_logits(tra
     with pytest.raises(SystemExit) as e:  # never over an earlier export
         export.main([f"--init_from={trained[0]}", f"--export_dir={tmp_path / 'hf'}"])
     assert e.value.code == 2 and "holds an exported model already" in capsys.readouterr().err
+
+
+def test_eval_py_scores_a_run_on_its_own_val_split_as_a_recomputation_does(trained, data_dir, tmp_path):
+    """eval.py --tasks=val --data=<the run's data>: the loss per token, perplexity and bits per byte
+    of the val split in windows of the block moving by half of it, every token but the first scored
+    once, against the same windows scored one at a time with F.cross_entropy."""
+    import eval as evaluate
+    evaluate.main([f"--init_from={trained[0]}", "--tasks=val", f"--data={data_dir / 'toy'}", "--device=cpu",
+                   "--dtype=float32", f"--out_dir={tmp_path}", "--limit=40"])  # the first 40 windows
+    result = json.loads((tmp_path / "eval.json").read_text())["results"]["val"]
+    model = models.model_from_checkpoint(checkpoints.load(trained[0] / "ckpt.pt")).eval()
+    tokens = torch.from_numpy(datasets.read_tokens(data_dir / "toy" / "val.bin").astype(np.int64))
+    nll, count, begin = 0.0, 0, 0
+    for _ in range(40):
+        end = min(begin + 32, len(tokens) - 1)  # the window reads tokens[begin:end] and predicts up to tokens[end]
+        with torch.no_grad():
+            logits = model(tokens[None, begin:end])[0][0]
+        new = end - count  # targets tokens[count + 1 .. end] are not scored yet
+        nll += torch.nn.functional.cross_entropy(logits[-new:], tokens[end - new + 1:end + 1], reduction="sum").item()
+        count += new
+        begin += 16
+    n_bytes = len(datasets.get_tokenizer("gpt2").decode_bytes(tokens[:count + 1].tolist()))
+    assert result["tokens"] == count == 16 * 40 + 16
+    assert result["loss"] == pytest.approx(nll / count, rel=1e-5)
+    assert result["ppl"] == pytest.approx(math.exp(nll / count), rel=1e-5)
+    assert result["bits_per_byte"] == pytest.approx(nll / math.log(2) / n_bytes, rel=1e-5)
+
+
+def test_eval_py_refuses_val_without_data_and_a_task_file_without_examples(trained, tmp_path, monkeypatch, capsys):
+    """An empty task file would have given NaN, which eval.json cannot hold as JSON."""
+    import eval as evaluate
+    monkeypatch.setenv("GPT2REF_CACHE", str(tmp_path / "cache"))
+    empty = downloads.web_path(benchmarks.HELLASWAG_URL)
+    empty.parent.mkdir(parents=True)
+    empty.write_text("")
+    for args, words in ((["--tasks=val"], "--tasks=val scores the val split of --data="),
+                        (["--tasks=hellaswag"], f"hellaswag: {empty} holds no examples")):
+        with pytest.raises(SystemExit) as e:
+            evaluate.main([f"--init_from={trained[0]}", "--device=cpu", f"--out_dir={tmp_path}", *args])
+        err = capsys.readouterr().err
+        assert e.value.code == 2 and err.count("\n") == 1 and words in err, err
