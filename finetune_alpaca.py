@@ -163,6 +163,9 @@ def split_records(records, val_size, subset, seed, announce=True):
     order = torch.randperm(len(records), generator=torch.Generator().manual_seed(datasets.seed_for(seed, "split")))
     shuffled = [records[i] for i in order.tolist()]
     rest = shuffled[val_size:]
+    if subset > len(rest) and announce:
+        print(f"note: --subset={subset}, but {len(rest)} records are left after the held-out ones: training on all "
+              f"{len(rest)}")
     return rest[:subset] if subset else rest, shuffled[:val_size]
 
 
@@ -294,6 +297,8 @@ def main(argv=None):
     eval_iters = min(c.eval_iters, math.ceil(len(splits["val"]) / c.batch_size),
                      math.ceil(len(splits["train"]) / c.batch_size))
     held_out = val_records[:c.eval_prompts]
+    if c.eval_prompts > len(held_out) and master:
+        print(f"note: --eval_prompts={c.eval_prompts}, but {len(held_out)} records are held out: answering those")
 
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     total = model.num_params(non_embedding=False)

@@ -116,6 +116,11 @@ def test_split_is_seeded_and_held_out_set_ignores_subset():
     assert sorted(map(json.dumps, train_a + val_a)) == sorted(map(json.dumps, records))
 
 
+def test_a_subset_larger_than_the_records_says_what_it_trains_on(capsys):
+    train, _ = fa.split_records(make_records(60), 10, 500, seed=1)
+    assert len(train) == 51 and "--subset=500, but 51 records are left" in capsys.readouterr().out
+
+
 def test_read_records_rejects_malformed_files(tmp_path, capsys):
     path = tmp_path / "bad.json"
     path.write_text(json.dumps([{"instruction": "ok", "output": "fine"}, {"instruction": 3, "output": "x"}]))
