@@ -37,7 +37,7 @@ from lib import benchmarks, cli, datasets, downloads, files, models, processes, 
 init_from = ""            # gpt2 | gpt2-medium | ... | a local HF directory | resume; "": gpt2, or the adapter's base
 out_dir = "out"           # eval.json is written here; --init_from=resume reads ckpt.pt from here
 adapter = ""              # a LoRA or QLoRA adapter directory for init_from's model
-tokenizer = "gpt2"        # for a gpt2* name or HF directory; a checkpoint names its own
+tokenizer = ""            # the model's own if left out; a local HF directory records none: name it here, else gpt2
 # the tasks
 tasks = "wikitext2,wikitext103,lambada,hellaswag"  # and val, for --data
 data = ""                 # a folder prepare_data.py wrote, whose val split --tasks=val scores
@@ -88,12 +88,14 @@ def main(argv=None):
     defaults = {k: v for k, v in globals().items() if not k.startswith("_") and isinstance(v, (int, float, str))}
     cfg = cli.configure(defaults, argv, doc=__doc__, source=__file__)
     names = check(cfg)
+    models.known_tokenizer(cfg)  # a --tokenizer that is not GPT-2's weights' fails before they are downloaded
     cli.writable_dir(cfg["out_dir"])
     rank, world_size, device = processes.setup_ddp(cli.pick_device(cfg["device"]))
     dtype = cli.pick_dtype(cfg["dtype"], device)
     speed.keep_freed_memory()
     with processes.rank_zero_first():  # downloads, once per node
-        model, tokenizer_name = models.load_model(cfg)
+        model, recorded = models.load_model(cfg)
+        tokenizer_name = cfg["tokenizer"] or models.known_tokenizer(cfg, recorded) or "gpt2"
         config = model.config
         if cfg["stride"] > config.block_size:
             cli.fail(f"--stride={cfg['stride']} is longer than the model's context of {config.block_size} tokens: "

@@ -59,7 +59,7 @@ def log_eval(path, it, losses, best_val_loss, extra, wandb_run=None, printed="")
 
 def require_wandb():
     """--wandb_log=True needs the wandb package, which neither requirements file installs."""
-    if importlib.util.find_spec("wandb") is None:
+    if "wandb" not in sys.modules and importlib.util.find_spec("wandb") is None:
         fail("--wandb_log=True needs the wandb package, which the requirements leave out: pip install wandb "
              "(and wandb login), or leave --wandb_log out")
 

@@ -124,3 +124,17 @@ def load_model(cfg):
     if cfg["init_from"] and cfg["adapter"] and base != cfg["init_from"]:
         print(f"note: the adapter was trained on {base}, it is applied to {cfg['init_from']}", file=sys.stderr)
     return model, cfg["tokenizer"]
+
+
+def known_tokenizer(cfg, recorded=""):
+    """The tokenizer the model was trained with, where that is known: recorded in its checkpoint, or
+    gpt2 for GPT-2's weights and for an adapter (finetune_alpaca.py trains on gpt2's tokens). A local
+    HF directory records none (a model trained here with another tokenizer may be saved as one):
+    None, and --tokenizer names it. A --tokenizer that differs from the known one is refused."""
+    if cfg["init_from"] == "resume" or run_dir(cfg["init_from"]):  # a checkpoint records it
+        known = recorded
+    else:
+        known = None if os.path.isdir(cfg["init_from"]) and not cfg["adapter"] else "gpt2"
+    if known and cfg["tokenizer"] not in ("", known):
+        fail(f"--tokenizer={cfg['tokenizer']} is not this model's: it was trained with {known}; leave --tokenizer out")
+    return known

@@ -30,10 +30,11 @@ def instruction_mode(cfg):
     return bool(cfg["adapter"] or cfg["instruction"])
 
 
-def read_request(body, enc, cfg, notes, block_size):
+def read_request(body, enc, cfg, notes, config):
     """The prompt's tokens and the settings of one generation, from a request's JSON body: its text
     (prompt, or instruction and input) and any of SAMPLING, each one left out taking the server's
-    setting, each one given checked as the command line checks it. A ValueError says what is wrong."""
+    setting, each one given checked as the command line checks it; the tokens checked against the
+    model's config. A ValueError says what is wrong."""
     texts = ("instruction", "input") if instruction_mode(cfg) else ("prompt",)
     example = f'{{"{texts[0]}": "..."}}'
     try:
@@ -63,18 +64,21 @@ def read_request(body, enc, cfg, notes, block_size):
         raise ValueError(f"max_new_tokens={settings['max_new_tokens']} is more than this server generates "
                          f"at a time: at most {MAX_NEW_TOKENS}")
     ids = text.prompt_tokens(enc, request.get("prompt", ""), request.get("instruction", ""), request.get("input", ""))
-    if len(ids) > block_size:
-        raise ValueError(f"the prompt is {len(ids)} tokens long: this model reads at most {block_size} "
+    if len(ids) > config.block_size:
+        raise ValueError(f"the prompt is {len(ids)} tokens long: this model reads at most {config.block_size} "
                          f"(its block_size)")
+    text.check_ids(enc, ids, config.vocab_size)
     return ids, settings
 
 
 def serve(server, model, enc, cfg, notes):
     """Serve webpage.html at GET / and one generation at a time at POST /generate, streamed as
     server-sent events, each a JSON object: {"text": ...} for the pieces as they are generated, then
-    {"tokens": n, "seconds": s}. A bad request is a 4xx with {"error": ...}; one that comes while a
-    generation runs is a 503; a generation stops when its browser goes away. Until Ctrl-C. notes:
-    sample.py's defaults block, whose ranges a request's settings are checked against."""
+    {"tokens": n, "seconds": s, "seed": its seed, "end_of_text": whether it stopped there}; with no seed
+    in the request nor --seed, each generation draws a fresh one. A bad request is a 4xx with
+    {"error": ...}; one that comes while a generation runs is a 503; a generation stops when its
+    browser goes away. Until Ctrl-C. notes: sample.py's defaults block, whose ranges a request's
+    settings are checked against."""
     shown = ["init_from", "out_dir"] if cfg["init_from"] == "resume" else ["init_from", "adapter"]
     page_settings = {key: cfg[key] for key in ("instruction", "input") + SAMPLING}
     page_settings.update(prompt=text.read_prompt(cfg["start"]), instruction_mode=instruction_mode(cfg),
@@ -130,7 +134,7 @@ def serve(server, model, enc, cfg, notes):
                 return self.refuse(413 if length > 0 else 400,
                                    "the request needs a JSON body, of at most 1 MB, and its Content-Length")
             try:
-                ids, settings = read_request(self.rfile.read(length), enc, cfg, notes, model.config.block_size)
+                ids, settings = read_request(self.rfile.read(length), enc, cfg, notes, model.config)
             except ValueError as e:
                 return self.refuse(400, str(e))
             if not generating.acquire(blocking=False):
@@ -140,7 +144,8 @@ def serve(server, model, enc, cfg, notes):
                 self.send_header("Content-Type", "text/event-stream; charset=utf-8")
                 self.send_header("Cache-Control", "no-store")
                 self.end_headers()
-                torch.manual_seed(settings["seed"])
+                seed = text.seed_for_prompt(settings["seed"])
+                torch.manual_seed(seed)
                 started = time.perf_counter()
                 with contextlib.closing(text.generate_text(model, enc, ids, settings, cfg["device"])) as pieces:
                     for tokens, piece in enumerate(pieces):  # the last piece is not a token's
@@ -148,7 +153,8 @@ def serve(server, model, enc, cfg, notes):
                             return
                         if piece:  # a write to a browser that went away fails: generation stops there
                             self.wfile.write(f"data: {json.dumps({'text': piece})}\n\n".encode())
-                done = {"tokens": tokens, "seconds": round(time.perf_counter() - started, 3)}
+                done = {"tokens": tokens, "seconds": round(time.perf_counter() - started, 3), "seed": seed,
+                        "end_of_text": text.stopped_at_end_of_text(tokens, settings)}
                 self.wfile.write(f"data: {json.dumps(done)}\n\n".encode())
             finally:
                 generating.release()

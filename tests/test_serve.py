@@ -6,6 +6,7 @@ import contextlib
 import http.client
 import json
 import os
+import re
 import select
 import shutil
 import signal
@@ -22,6 +23,8 @@ from test_sample import run  # sample.py as a process
 
 ENV = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
 hf_dir = test_sample.hf_dir  # the fixture: a tiny GPT-2 directory, and its transformers model
+eot_dir = test_sample.eot_dir  # one whose greedy text ends at <|endoftext|> after some prompts
+small_vocab_dir = test_sample.small_vocab_dir  # one of GPT-2's first 300 ids only
 
 
 def free_port():
@@ -73,7 +76,7 @@ def generate(port, **fields):
     response = request(port, "POST", "/generate", json.dumps(fields))
     assert response.status == 200 and response.headers["Content-Type"].startswith("text/event-stream")
     *pieces, done = events(response)
-    assert all(set(p) == {"text"} for p in pieces) and set(done) == {"tokens", "seconds"}
+    assert all(set(p) == {"text"} for p in pieces) and set(done) == {"tokens", "seconds", "seed", "end_of_text"}
     return "".join(p["text"] for p in pieces), done
 
 
@@ -95,6 +98,52 @@ def test_the_page_streams_what_sample_py_prints(server, hf_dir, settings):
 def test_seeds_give_their_own_texts(server):
     texts = {generate(server, prompt="The cat", max_new_tokens=12, seed=seed)[0] for seed in (1, 2, 3)}
     assert len(texts) == 3
+
+
+def test_each_request_without_a_seed_draws_one_that_gives_its_text_again(server, hf_dir):
+    (first, one), (second, other) = (generate(server, prompt="The cat", max_new_tokens=12) for _ in range(2))
+    assert one["seed"] != other["seed"] and first != second
+    assert generate(server, prompt="The cat", max_new_tokens=12, seed=one["seed"])[0] == first
+    r = run(f"--init_from={hf_dir[0]}", "--start=The cat", "--max_new_tokens=12", f"--seed={other['seed']}",
+            "--device=cpu", "--dtype=float32")
+    assert r.returncode == 0 and r.stdout == "The cat" + second + "\n", r.stderr
+
+
+@pytest.fixture(scope="module")
+def small_server(small_vocab_dir):
+    with serving(f"--init_from={small_vocab_dir}", "--seed=5") as (port, _):
+        yield port
+
+
+def test_with_seed_every_request_uses_it(small_server):
+    (first, one), (second, other) = (generate(small_server, prompt="x", max_new_tokens=12) for _ in range(2))
+    assert one["seed"] == other["seed"] == 5 and first == second
+    assert generate(small_server, prompt="x", max_new_tokens=12, seed=5)[0] == first
+    assert generate(small_server, prompt="x", max_new_tokens=12, seed=6)[0] != first
+    assert '"seed": 5' in request(small_server, "GET", "/").read().decode()  # the page shows it
+
+
+def test_the_last_event_says_whether_it_stopped_at_end_of_text(eot_dir):
+    import tiktoken
+    path, model = eot_dir
+    enc = tiktoken.get_encoding("gpt2")
+    ended, stopped = test_sample.greedy_tokens(model, "Once upon a time", 20)
+    going, stopped_too = test_sample.greedy_tokens(model, "The cat", 20)
+    assert stopped and not stopped_too
+    with serving(f"--init_from={path}") as (port, _):
+        text, done = generate(port, prompt="Once upon a time", max_new_tokens=20, temperature=0)
+        assert text == enc.decode(ended) and done["tokens"] == len(ended) and done["end_of_text"] is True
+        text, done = generate(port, prompt="The cat", max_new_tokens=20, temperature=0)
+        assert text == enc.decode(going) and done["tokens"] == 20 and done["end_of_text"] is False
+
+
+def test_a_prompt_beyond_the_vocabulary_is_a_400(small_server):
+    once = request(small_server, "POST", "/generate", json.dumps({"prompt": "Once upon a time"}))
+    assert once.status == 400 and json.load(once)["error"].startswith(
+        "the prompt has token 7454 ('Once'), beyond the model's vocabulary of 300")
+    empty = request(small_server, "POST", "/generate", json.dumps({"prompt": ""}))
+    assert empty.status == 400 and json.load(empty)["error"] == \
+        "an empty prompt starts from <|endoftext|> (id 50256), beyond the model's vocabulary of 300: give a prompt"
 
 
 def test_instruction_mode_with_an_adapter_matches_sample_py(hf_dir, tmp_path):
@@ -135,7 +184,7 @@ BAD_REQUESTS = [
     (b'{"prompt": "Hi", "temperature": NaN}', 400, "temperature=nan is not a finite number"),
     ({"prompt": "Hi", "top_k": 1.5}, 400, "top_k must be an integer, got 1.5"),
     ({"prompt": "Hi", "top_p": 0}, 400, "top_p=0 is out of range: it must be (0, 1]"),
-    ({"prompt": "Hi", "seed": 2**63}, 400, "seed=9223372036854775808 is out of range: it must be [0, 2**63)"),
+    ({"prompt": "Hi", "seed": 2**63}, 400, "seed=9223372036854775808 is out of range: it must be [-1, 2**63)"),
     ({"prompt": "Hi", "seed": True}, 400, "seed must be an integer, got True"),
     ({"prompt": "Hi", "temprature": 1}, 400, "unknown field 'temprature'"),
     ({"prompt": "word " * 100}, 400, "the prompt is 101 tokens long: this model reads at most 64 (its block_size)"),
@@ -156,6 +205,7 @@ def test_only_the_page_and_its_api_are_served(server):
     assert "default-src 'none'" in page.headers["Content-Security-Policy"]  # no asset from anywhere
     html = page.read().decode()
     assert "{{settings}}" not in html and '"max_new_tokens": 24' in html and "http" not in html.lower()
+    assert '"seed": -1' in html  # no --seed: the page leaves it empty, and each generation draws one
     for method, path in (("GET", "/generate"), ("GET", "/sample.py"), ("GET", "/../ckpt.pt"), ("POST", "/")):
         response = request(server, method, path, b"{}" if method == "POST" else None)
         assert response.status == 404 and "this server has GET / and POST /generate" in json.load(response)["error"]
@@ -278,7 +328,7 @@ def test_the_page_in_headless_chromium(server, tmp_path):
         browser.call("Input.insertText", session, text="Once upon a time")
         click("go")
         wait_for(lambda: "tokens/s" in status())
-        shown = js("document.getElementById('output').textContent")
+        shown, done = js("document.getElementById('output').textContent"), status()
         screenshot = base64.b64decode(browser.call("Page.captureScreenshot", session)["data"])
         (tmp_path / "serve.png").write_bytes(screenshot)
 
@@ -290,6 +340,7 @@ def test_the_page_in_headless_chromium(server, tmp_path):
         browser.proc.kill()
         browser.proc.wait()
     assert screenshot.startswith(b"\x89PNG") and len(screenshot) > 10_000
-    expected, done = generate(server, prompt="Once upon a time")  # the page sends the server's settings
-    assert done["tokens"] == 24 and shown == "Once upon a time" + expected
+    seed = int(re.fullmatch(r"24 tokens in [\d.]+ s: [\d.]+ tokens/s, seed (\d+)", done)[1])
+    expected, _ = generate(server, prompt="Once upon a time", seed=seed)  # the page sends the server's settings
+    assert shown == "Once upon a time" + expected
     assert error == "temperature=-1 is out of range: it must be >= 0 (0 is greedy)"

@@ -198,9 +198,9 @@ def test_unknown_option_is_one_line_naming_close_matches(capsys):
 def test_resume_refuses_a_changed_model_shape_but_takes_a_new_lr(trained, tmp_path, capsys):
     out = tmp_path / "run"
     shutil.copytree(trained[0], out)
-    err = one_line_exit(capsys, ["--init_from=resume", f"--out_dir={out}", "--n_layer=3", "--learning_rate=1e-4"])
+    err = one_line_exit(capsys, ["--init_from=resume", f"--out_dir={out}", "--n_layer=3", "--learning_rate=1e-3"])
     assert "n_layer=2" in err and "n_layer=3" in err
-    train.main(["--init_from=resume", f"--out_dir={out}", "--learning_rate=1e-4", "--max_iters=62"])  # > lr_decay_iters
+    train.main(["--init_from=resume", f"--out_dir={out}", "--learning_rate=1e-3", "--max_iters=62"])  # > lr_decay_iters
     steps, _ = read_log(out)
     assert [r["iter"] for r in steps][-2:] == [60, 61] and steps[-1]["lr"] == 3e-4  # past lr_decay_iters: min_lr
 
@@ -479,9 +479,9 @@ def test_fsdp_shards_what_each_process_holds(data_dir, tmp_path):
 
 @pytest.mark.parametrize("first,then", [(2, 1), (1, 2)])
 def test_a_run_resumes_on_another_number_of_processes(data_dir, tmp_path, one_process, first, then):
-    """Written by FSDP on 2 processes and resumed on 1 accumulating twice as much, or the other way
-    round: the resumed run logs the uninterrupted one's losses."""
-    start = [*SPLITS, "--max_iters=5", "--fsdp=True", f"--gradient_accumulation_steps={3 - first}"]
+    """Written by FSDP on 2 processes and resumed on 1 accumulating twice as much, or written by one
+    process and resumed under FSDP on 2: the resumed run logs the uninterrupted one's losses."""
+    start = [*SPLITS, "--max_iters=5", f"--fsdp={first == 2}", f"--gradient_accumulation_steps={3 - first}"]
     run(start, data_dir, tmp_path, nproc=first)
     resumed = run(["--init_from=resume", "--max_iters=10", "--fsdp=True"], data_dir, tmp_path, tiny=False, nproc=then)
     assert (f"resuming on {then} process(es) a run of {first}: gradient_accumulation_steps {3 - first} -> {3 - then}, "
