@@ -203,6 +203,7 @@ def mirror(tmp_path_factory):
         yield hub, urls, tmp_path_factory.mktemp("cache")
 
 
+@pytest.mark.slow
 def test_eval_py_downloads_scores_every_task_and_then_runs_offline(models, mirror, tmp_path):
     path, _, ours = models
     hub, urls, cache = mirror
@@ -237,6 +238,7 @@ def test_the_real_urls_are_the_cached_paths():
         "raw.githubusercontent.com", "rowanz", "hellaswag", "master", "data", "hellaswag_val.jsonl")
 
 
+@pytest.mark.slow
 def test_a_malformed_record_and_bad_options_are_one_line(models, mirror, tmp_path):
     path, _, _ = models
     hub, urls, _ = mirror
@@ -253,6 +255,7 @@ def test_a_malformed_record_and_bad_options_are_one_line(models, mirror, tmp_pat
         assert result.returncode == 2 and result.stderr.count("\n") == 1 and message in result.stderr, result.stderr
 
 
+@pytest.mark.slow
 def test_two_processes_give_exactly_the_numbers_of_one(models, mirror, tmp_path):
     """9 examples in batches of 4 rows: HellaSwag takes 9 batches, an odd number."""
     path, _, _ = models
@@ -268,6 +271,7 @@ def test_two_processes_give_exactly_the_numbers_of_one(models, mirror, tmp_path)
     assert results[0] == results[1]
 
 
+@pytest.mark.slow
 def test_a_checkpoint_and_an_adapter_are_scored_as_loaded(models, mirror, tmp_path):
     """--init_from=resume reads out_dir/ckpt.pt; --adapter applies a LoRA adapter (perturbed, so
     that it changes the numbers) to its base model: eval.py's numbers are those of the same models

@@ -232,6 +232,7 @@ def log_without_timing(path):
     return [{k: v for k, v in r.items() if k not in ("tokens_per_s", "ms", "mem")} for r in records]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("mode", MODES)
 def test_run_crash_resume_and_sample(mode, hub, tmp_path, monkeypatch, capsys):
     straight, crashed = tmp_path / "straight", tmp_path / "crashed"
@@ -293,6 +294,7 @@ def test_run_crash_resume_and_sample(mode, hub, tmp_path, monkeypatch, capsys):
     assert r.stdout == ENC.decode(out) + "\n"
 
 
+@pytest.mark.slow
 def test_ctrl_c_stops_after_the_step_with_a_checkpoint_and_resume_is_exact(hub, tmp_path, monkeypatch, capsys):
     straight, stopped = tmp_path / "straight", tmp_path / "stopped"
     finetune(straight, *MODES["lora"])
@@ -330,6 +332,7 @@ def test_small_files_and_small_models_get_defaults_that_fit(hub, tmp_path, capsy
     assert fa.sequence_length(100, 256) == 100
 
 
+@pytest.mark.slow
 def test_sample_refuses_a_bad_adapter_or_a_lone_input(hub, tmp_path):
     env = dict(os.environ, OMP_NUM_THREADS="1")
     (tmp_path / "adapter.json").write_text("{}")
@@ -350,6 +353,7 @@ def test_a_failed_download_says_what_to_do_instead(hub, capsys, tmp_path, monkey
     assert e.value.code == 2 and "404" in err and "Without it: a local copy with --data_path=file.json, or another --alpaca_url" in err
 
 
+@pytest.mark.slow
 def test_lora_under_fsdp_on_two_processes_equals_one_process(hub, tmp_path):
     """torchrun with 2 processes, FSDP (and activation checkpointing) against 1 process accumulating
     the same 2 micro-batches per step: the same losses, responses and adapter."""
@@ -365,6 +369,7 @@ def test_lora_under_fsdp_on_two_processes_equals_one_process(hub, tmp_path):
     assert all(torch.allclose(merged[0][k], merged[1][k], atol=1e-5) for k in merged[0])
 
 
+@pytest.mark.slow
 def test_a_full_fine_tune_under_fsdp_resumes_on_one_process(hub, tmp_path):
     """The README's gpt2-xl example, small: a full fine-tune sharded over 2 processes, then resumed
     on 1 process accumulating twice as much, logs what a 1-process run resumed the same way logs."""
@@ -375,6 +380,7 @@ def test_a_full_fine_tune_under_fsdp_resumes_on_one_process(hub, tmp_path):
     assert_same_log(tmp_path / "one", tmp_path / "two")
 
 
+@pytest.mark.slow
 def test_a_train_py_run_is_fine_tuned_and_its_adapter_found_from_another_folder(hub, tmp_path, monkeypatch, capsys):
     """--init_from=<a train.py out_dir>: the LoRA adapter records the run's absolute path, so sample.py
     --adapter finds its base from any folder."""

@@ -62,6 +62,7 @@ def reports(tmp_path_factory):
     return reports
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("family", FAMILIES)
 def test_mutated_files_load_or_raise_value_error(reports, family):
     returncode, report, log = reports[family]

@@ -263,6 +263,7 @@ def test_a_mistake_is_one_line_naming_it(files, monkeypatch, capsys, script, mai
     assert fill([words], files)[0] in lines[0]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("script, args, words", [
     ("train.py", ["--grad_clip=-1"], "--grad_clip=-1.0 is out of range"),
     ("train.py", ["--device=cuda"], "--device=cuda is not available"),
@@ -289,6 +290,7 @@ def test_help_prints_every_setting_with_its_default_and_note(capsys):
         [[">=", "0;", "0:", "no", "clipping"]]
 
 
+@pytest.mark.slow
 def test_help_into_a_closed_pipe_is_quiet():
     r = subprocess.run(f"{sys.executable} {ROOT / 'train.py'} --help | head -1", shell=True, capture_output=True,
                        text=True, cwd=ROOT, timeout=120)
@@ -316,6 +318,7 @@ def test_float16_on_a_cpu_warns_in_one_line(capsys):
     assert cli.pick_dtype("float16", "cuda") == "float16" and capsys.readouterr().err == ""
 
 
+@pytest.mark.slow
 def test_scripts_import_library_modules_only():
     """Scripts import library code, never another script: sampling does not load the trainer's
     loop or the data pipeline."""

@@ -107,6 +107,7 @@ def jupyter_path(tmp_path_factory):
     return root
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.stem)
 def test_notebook_runs(path, jupyter_path, monkeypatch, tmp_path):
     """Executed once, in memory: no cell raises, and every code cell prints what the committed

@@ -491,6 +491,7 @@ def test_input_mistakes_name_the_item_at_fault(tmp_path, capsys, monkeypatch):
         assert not (tmp_path / "out").exists(), value  # nothing made before --input is checked
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("argv,data,message", [
     (["nosuch"], None, "unknown dataset 'nosuch'"),
     (["text", "--input=in.txt"], b"fine\n\xc3\x28 broken\n" + b"more\n" * 9, "invalid UTF-8 at byte 5 (line 2"),

@@ -67,6 +67,7 @@ def greedy_reference(model, prompt, n):
     return tiktoken.get_encoding("gpt2").decode(greedy_tokens(model, prompt, n)[0])
 
 
+@pytest.mark.slow
 def test_greedy_sample_matches_transformers(hf_dir):
     path, model = hf_dir
     r = run(f"--init_from={path}", "--start=Once upon a time", "--temperature=0", "--max_new_tokens=20",
@@ -75,6 +76,7 @@ def test_greedy_sample_matches_transformers(hf_dir):
     assert r.stdout == "Once upon a time" + greedy_reference(model, "Once upon a time", 20) + "\n"
 
 
+@pytest.mark.slow
 def test_prompt_from_file_and_several_samples(hf_dir, tmp_path):
     path, model = hf_dir
     (tmp_path / "prompt.txt").write_text("The cat", encoding="utf-8")
@@ -100,6 +102,7 @@ def library_samples(path, prompt, n, max_new_tokens, seed, dtype=torch.float32, 
     return [prompt + enc.decode(row[:row.index(enc.eot_token)] if enc.eot_token in row else row) for row in rows]
 
 
+@pytest.mark.slow
 def test_several_samples_are_decoded_as_one_batch(hf_dir):
     path, _ = hf_dir
     r = run(f"--init_from={path}", "--start=The cat", "--num_samples=3", "--max_new_tokens=12", "--seed=7",
@@ -128,6 +131,7 @@ def test_bfloat16_samples_with_bfloat16_weights(hf_dir, monkeypatch, capsys):
     assert capsys.readouterr().out == expected + "\n"
 
 
+@pytest.mark.slow
 def test_interactive_answers_each_line(hf_dir):
     path, model = hf_dir
     r = run(f"--init_from={path}", "--interactive", "--temperature=0", "--max_new_tokens=5", "--dtype=float32",
@@ -137,6 +141,7 @@ def test_interactive_answers_each_line(hf_dir):
     assert r.stdout == "".join(e + "\n" for e in expected)
 
 
+@pytest.mark.slow
 def test_long_prompt_is_cropped_with_a_notice(hf_dir):
     path, _ = hf_dir
     r = run(f"--init_from={path}", "--start=" + "word " * 100, "--max_new_tokens=3", "--dtype=float32")
@@ -144,6 +149,7 @@ def test_long_prompt_is_cropped_with_a_notice(hf_dir):
     assert "only the last 64 are used" in r.stderr
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("args, message", [
     (["--init_from=gpt3"], "gpt2, gpt2-medium, gpt2-large, gpt2-xl"),
     (["--max_new_tokens=0"], "--max_new_tokens=0 is out of range: it must be >= 1"),
@@ -164,6 +170,7 @@ def test_bad_input_is_one_line_and_exit_2(hf_dir, args, message):
     assert "Traceback" not in r.stderr and len(r.stderr.strip().splitlines()) == 1
 
 
+@pytest.mark.slow
 def test_directory_without_weights_is_refused(tmp_path):
     (tmp_path / "config.json").write_text("{}")
     r = run(f"--init_from={tmp_path}")
@@ -171,6 +178,7 @@ def test_directory_without_weights_is_refused(tmp_path):
     assert "Traceback" not in r.stderr
 
 
+@pytest.mark.slow
 def test_an_adapter_brings_its_base_model(hf_dir, tmp_path):
     from gpt import GPT, apply_lora, save_adapter
     path, _ = hf_dir
@@ -181,6 +189,7 @@ def test_an_adapter_brings_its_base_model(hf_dir, tmp_path):
     assert r.returncode == 0 and r.stdout.startswith("Hi"), r.stderr
 
 
+@pytest.mark.slow
 def test_ctrl_c_ends_interactive_quietly_and_a_run_with_one_line(hf_dir):
     path, _ = hf_dir
     env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
@@ -203,6 +212,7 @@ def test_ctrl_c_ends_interactive_quietly_and_a_run_with_one_line(hf_dir):
             assert proc.returncode == 130 and err.strip() == "interrupted"
 
 
+@pytest.mark.slow
 def test_a_sample_that_ends_at_end_of_text_says_so(eot_dir):
     path, model = eot_dir
     enc = tiktoken.get_encoding("gpt2")
@@ -222,6 +232,7 @@ def test_a_sample_that_ends_at_end_of_text_says_so(eot_dir):
         [f"[sample {i} stopped at <|endoftext|> after {len(ended)} tokens]\n" for i in (1, 2)]
 
 
+@pytest.mark.slow
 def test_interactive_draws_a_seed_per_prompt_and_shows_it(hf_dir):
     path, _ = hf_dir
     args = [f"--init_from={path}", "--max_new_tokens=12", "--device=cpu", "--dtype=float32"]
@@ -239,6 +250,7 @@ def test_interactive_draws_a_seed_per_prompt_and_shows_it(hf_dir):
     assert r.returncode == 0 and r.stderr == "" and r.stdout == 2 * (seven.removeprefix("The cat") + "\n")
 
 
+@pytest.mark.slow
 def test_a_batch_that_cannot_fit_is_refused_with_the_most_that_fits(hf_dir):
     if not os.path.exists("/proc/meminfo"):
         pytest.skip("the available memory is read from /proc/meminfo, which only Linux has")
@@ -268,6 +280,7 @@ finally:
 """
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("top_p", [1.0, 0.9])
 def test_the_most_samples_said_to_fit_do(hf_dir, top_p):
     """The batch's own memory, what the peak grows by beyond one sample's run (the model, the
@@ -288,6 +301,7 @@ def test_the_most_samples_said_to_fit_do(hf_dir, top_p):
     assert budget / 3 < grown[1] - grown[0] <= budget, (fits, grown)
 
 
+@pytest.mark.slow
 def test_a_tokenizer_other_than_the_models_is_refused(hf_dir, tmp_path):
     from dataclasses import asdict
 
@@ -308,6 +322,7 @@ def test_a_tokenizer_other_than_the_models_is_refused(hf_dir, tmp_path):
         assert r.returncode == 0 and r.stdout.startswith("Hi"), r.stderr
 
 
+@pytest.mark.slow
 def test_a_prompt_the_model_cannot_embed_is_one_line(hf_dir, small_vocab_dir):
     cl100k = tiktoken.get_encoding("cl100k_base")
     beyond = next(i for i in cl100k.encode(" Quantum chromodynamics") if i >= 50257)

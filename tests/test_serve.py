@@ -80,6 +80,7 @@ def generate(port, **fields):
     return "".join(p["text"] for p in pieces), done
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("settings", [
     {"temperature": 0.8, "top_k": 200, "seed": 7},        # sampled, with a seed other than the server's
     {"temperature": 1.0, "top_k": 0, "top_p": 0.9, "seed": 1337},  # the server's own --seed
@@ -100,6 +101,7 @@ def test_seeds_give_their_own_texts(server):
     assert len(texts) == 3
 
 
+@pytest.mark.slow
 def test_each_request_without_a_seed_draws_one_that_gives_its_text_again(server, hf_dir):
     (first, one), (second, other) = (generate(server, prompt="The cat", max_new_tokens=12) for _ in range(2))
     assert one["seed"] != other["seed"] and first != second
@@ -115,6 +117,7 @@ def small_server(small_vocab_dir):
         yield port
 
 
+@pytest.mark.slow
 def test_with_seed_every_request_uses_it(small_server):
     (first, one), (second, other) = (generate(small_server, prompt="x", max_new_tokens=12) for _ in range(2))
     assert one["seed"] == other["seed"] == 5 and first == second
@@ -123,6 +126,7 @@ def test_with_seed_every_request_uses_it(small_server):
     assert '"seed": 5' in request(small_server, "GET", "/").read().decode()  # the page shows it
 
 
+@pytest.mark.slow
 def test_the_last_event_says_whether_it_stopped_at_end_of_text(eot_dir):
     import tiktoken
     path, model = eot_dir
@@ -146,6 +150,7 @@ def test_a_prompt_beyond_the_vocabulary_is_a_400(small_server):
         "an empty prompt starts from <|endoftext|> (id 50256), beyond the model's vocabulary of 300: give a prompt"
 
 
+@pytest.mark.slow
 def test_instruction_mode_with_an_adapter_matches_sample_py(hf_dir, tmp_path):
     import torch
 
@@ -223,6 +228,7 @@ def test_a_body_over_1_mb_is_refused_unread(server):
     assert response.status == 413 and "of at most 1 MB" in json.load(response)["error"]
 
 
+@pytest.mark.slow
 def test_one_generation_at_a_time_and_an_abandoned_one_stops(server):
     _, whole = generate(server, prompt="Hi", max_new_tokens=1024)
     assert whole["tokens"] == 1024
@@ -238,6 +244,7 @@ def test_one_generation_at_a_time_and_an_abandoned_one_stops(server):
     assert second.status == 200 and list(events(second))[-1]["tokens"] == 1
 
 
+@pytest.mark.slow
 def test_a_port_in_use_is_one_line_and_exit_2(hf_dir):
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))
@@ -247,6 +254,7 @@ def test_a_port_in_use_is_one_line_and_exit_2(hf_dir):
     assert r.returncode == 2 and r.stderr == f"error: cannot serve on 127.0.0.1:{port}: Address already in use\n"
 
 
+@pytest.mark.slow
 def test_ctrl_c_stops_the_server_with_one_line(hf_dir):
     for generating in (False, True):
         with serving(f"--init_from={hf_dir[0]}") as (port, proc):

@@ -138,6 +138,7 @@ print(done, resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
 """
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not __import__("sys").platform.startswith("linux"), reason="glibc's mallopt: Linux only")
 def test_keep_freed_memory_spares_the_page_faults_of_fresh_buffers():
     """Six 128 MiB buffers in a row: glibc maps each afresh and faults in its 32768 pages again,

@@ -115,6 +115,7 @@ def test_resume_is_exact(trained, data_dir, tmp_path):
     assert [(r["val_loss"], r["sample"]) for r in halves[1]] == [(r["val_loss"], r["sample"]) for r in whole[1]]
 
 
+@pytest.mark.slow
 def test_sigkill_mid_training_resumes_from_the_last_checkpoint(data_dir, tmp_path):
     out = tmp_path / "killed"
     args = ["--max_iters=100000", "--lr_decay_iters=100000", "--eval_interval=10", "--dropout=0.1"]
@@ -210,6 +211,7 @@ def test_resume_without_a_checkpoint_and_missing_data_are_one_line(tmp_path, cap
     assert "prepare_data.py" in one_line_exit(capsys, [f"--data_dir={tmp_path}", f"--out_dir={tmp_path}"])
 
 
+@pytest.mark.slow
 def test_compiled_model_checkpoints_without_orig_mod_keys(data_dir, tmp_path, monkeypatch, capsys):
     compile_ = torch.compile  # the eager backend wraps the model as inductor does, without the C++ build
     monkeypatch.setattr(torch, "compile", lambda model: compile_(model, backend="eager"))
@@ -342,6 +344,7 @@ def wait_for(proc, prefix):
 LONG = ["--max_iters=100000", "--lr_decay_iters=60", "--eval_interval=30", "--dropout=0.1"]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM, signal.SIGHUP])
 def test_a_signal_stops_after_the_step_with_a_checkpoint_and_resume_is_exact(trained, data_dir, tmp_path, sig):
     out = tmp_path / "stopped"
@@ -373,6 +376,7 @@ def test_a_stop_just_before_an_evaluation_runs_it_on_resume(trained, data_dir, t
     assert evals[3]["val_loss"] == evals[2]["val_loss"]
 
 
+@pytest.mark.slow
 def test_a_second_signal_stops_at_once_leaving_the_last_checkpoint_whole(data_dir, tmp_path):
     out = tmp_path / "twice"
     proc = start([*LONG, "--eval_interval=10", "--eval_iters=2000"], data_dir, out)  # evaluations take seconds
@@ -386,6 +390,7 @@ def test_a_second_signal_stops_at_once_leaving_the_last_checkpoint_whole(data_di
     assert ckpt["iter"] == 0 and ckpt["script"] == "train.py"
 
 
+@pytest.mark.slow
 def test_sigterm_under_torchrun_stops_every_process_at_one_iteration(data_dir, tmp_path):
     args = ["--max_iters=100000", "--lr_decay_iters=12", "--eval_interval=6", "--dropout=0.1"]
     out = tmp_path / "stopped"
@@ -447,6 +452,7 @@ def one_process(data_dir, tmp_path_factory):
     return losses(out)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("split", ["ddp", "fsdp"])
 @pytest.mark.parametrize("checkpointing", [False, True])
 def test_fsdp_ddp_and_one_process_log_the_same_losses(data_dir, tmp_path, one_process, split, checkpointing):
@@ -464,6 +470,7 @@ def test_fsdp_ddp_and_one_process_log_the_same_losses(data_dir, tmp_path, one_pr
         assert losses(tmp_path / "one") == one_process
 
 
+@pytest.mark.slow
 def test_fsdp_shards_what_each_process_holds(data_dir, tmp_path):
     """The start-up line counts what one process holds: under FSDP about half of the whole model's
     weights (4 bytes each), gradients (4) and AdamW moments (8)."""
@@ -477,6 +484,7 @@ def test_fsdp_shards_what_each_process_holds(data_dir, tmp_path):
     assert 0.45 * 2 * whole <= moments <= 0.55 * 2 * whole
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("first,then", [(2, 1), (1, 2)])
 def test_a_run_resumes_on_another_number_of_processes(data_dir, tmp_path, one_process, first, then):
     """Written by FSDP on 2 processes and resumed on 1 accumulating twice as much, or written by one
@@ -499,6 +507,7 @@ def test_a_resume_that_cannot_split_the_step_names_the_process_counts_that_can(c
     assert checkpoints.resumed_accumulation(ckpt, 3, 3) == 1 and checkpoints.resumed_accumulation(ckpt, 5, 2) == 5
 
 
+@pytest.mark.slow
 def test_sigkill_in_the_middle_of_an_fsdp_checkpoint_write_leaves_the_last_one_whole(data_dir, tmp_path):
     import psutil
     args = ["--max_iters=100000", "--lr_decay_iters=100000", "--eval_interval=1", "--eval_iters=1", "--fsdp=True",
@@ -550,6 +559,7 @@ BENCH = ["--dataset=wide", "--eval_tasks=hellaswag,lambada", "--eval_limit=5", "
          "--sample_tokens=0"]
 
 
+@pytest.mark.slow
 def test_eval_tasks_are_scored_logged_and_plotted(task_cache, tmp_path, capsys, monkeypatch):
     """Each evaluation scores the tasks (their first eval_limit examples), prints and logs them; the
     last one's numbers are those of the checkpoint's model; loss.png gets the benchmark panels."""
@@ -578,6 +588,7 @@ def test_eval_tasks_are_scored_logged_and_plotted(task_cache, tmp_path, capsys, 
     assert panels["benchmark perplexity"] == ["lambada_ppl"]
 
 
+@pytest.mark.slow
 def test_eval_tasks_under_fsdp_score_what_one_process_scores(task_cache, tmp_path):
     """Under FSDP the tasks' forward passes are collective: both processes run as many (7 examples
     in batches of 4 rows: an odd number of batches), and the numbers are one process's."""
@@ -634,6 +645,7 @@ def test_clock_counts_seconds_per_iteration_between_laps(monkeypatch):
     assert clock.lap(6) == 2.0         # iterations 5, 6 in 4 s
 
 
+@pytest.mark.slow
 def test_a_full_disk_stops_the_run_with_one_line_and_the_last_checkpoint_whole(data_dir, tmp_path):
     """A file-size limit stands for a full disk: the checkpoint cannot be written, the run stops
     with one line naming it, the cause and the command that resumes, and the last checkpoint,
@@ -656,6 +668,7 @@ def test_a_full_disk_stops_the_run_with_one_line_and_the_last_checkpoint_whole(d
     assert torch.load(out / "ckpt.pt", weights_only=True)["iter"] == 8
 
 
+@pytest.mark.slow
 def test_a_plot_that_cannot_be_written_is_a_warning_and_training_goes_on(data_dir, tmp_path):
     out = tmp_path / "run"
     (out / "loss.png.tmp").mkdir(parents=True)  # where the plot is written first: a folder, so the write fails
