@@ -6,6 +6,7 @@ and sample.py --instruction builds the same one.
 A shard is llm.c's format: a header of 256 int32 (magic, version, token count), then the tokens,
 uint16 when the vocabulary fits, else uint32, little-endian.
 """
+import functools
 import hashlib
 import json
 import os
@@ -14,6 +15,7 @@ from pathlib import Path
 
 import numpy as np
 import tiktoken
+import tiktoken.load
 import torch
 
 from lib.cli import fail
@@ -112,9 +114,35 @@ def id_bound(path):
 
 # ----------------------------------------------------------------------------- the tokenizer
 
+GPT2_BPE = Path(__file__).with_name("gpt2_bpe")  # GPT-2's vocab.bpe and encoder.json, as OpenAI released them
+
+
+@functools.lru_cache(maxsize=None)
+def gpt2_tokenizer():
+    """tiktoken's gpt2 encoding, built as tiktoken builds it, from the files in lib/gpt2_bpe/ rather
+    than downloaded ones (tiktoken checks their sha256 against the ones it expects)."""
+    from tiktoken_ext import openai_public
+    cache = os.environ.pop("TIKTOKEN_CACHE_DIR", None)
+    os.environ["TIKTOKEN_CACHE_DIR"] = ""  # "": read the files, cache nothing
+    try:
+        ranks = tiktoken.load.data_gym_to_mergeable_bpe_ranks(
+            str(GPT2_BPE / "vocab.bpe"), str(GPT2_BPE / "encoder.json"),
+            vocab_bpe_hash="1ce1664773c50f3e0cc8842619a93edc4624525b728b188a9e0be33b7726adc5",
+            encoder_json_hash="196139668be63f3b5d6574427317ae82f612a97c5d1cdaf36ed2256dbf636783")
+    finally:
+        os.environ.pop("TIKTOKEN_CACHE_DIR")
+        if cache is not None:
+            os.environ["TIKTOKEN_CACHE_DIR"] = cache
+    return tiktoken.Encoding(name="gpt2", pat_str=openai_public.r50k_pat_str, mergeable_ranks=ranks,
+                             special_tokens={"<|endoftext|>": 50256}, explicit_n_vocab=50257)
+
+
 def get_tokenizer(name="gpt2"):
-    """A tiktoken encoding: gpt2 (GPT-2's BPE, 50257 ids) or e.g. cl100k_base (100k ids). tiktoken
-    fetches its BPE file on first use; an unknown name is a ValueError, a failed fetch a DownloadError."""
+    """A tiktoken encoding: gpt2 (GPT-2's BPE, 50257 ids, from the files shipped in lib/gpt2_bpe/)
+    or e.g. cl100k_base (100k ids), whose file tiktoken fetches on first use; an unknown name is a
+    ValueError, a failed fetch a DownloadError."""
+    if name == "gpt2":
+        return gpt2_tokenizer()
     try:
         return tiktoken.get_encoding(name)
     except ValueError:

@@ -1,6 +1,7 @@
 """gpt.py's model, weight loading/export and generation, checked against transformers and recomputation."""
 import json
 import math
+import os
 import struct
 from pathlib import Path
 
@@ -489,7 +490,28 @@ def test_tokenizer_names_and_fetch_failures(monkeypatch):
         raise requests.ConnectionError("no route to host")
     monkeypatch.setattr(tiktoken, "get_encoding", offline)
     with pytest.raises(downloads.DownloadError, match="TIKTOKEN_CACHE_DIR"):
-        datasets.get_tokenizer("gpt2")
+        datasets.get_tokenizer("cl100k_base")
+
+
+def test_gpt2_s_tokenizer_comes_from_the_shipped_files_and_equals_tiktoken_s():
+    """lib/gpt2_bpe/ holds GPT-2's two files: a process with no tiktoken cache and no network at all
+    tokenizes as tiktoken's own gpt2 encoding does (prose, code, emoji, other scripts, the special token)."""
+    import subprocess
+    import sys
+    import tiktoken
+    texts = ["Hello world", "def f(x):\n\treturn x ** 2  # code", "日本語 🙂 ünïcödé", "a<|endoftext|>b", "  \n\n spaces"]
+    code = ("import json, sys, requests\n"
+            "def offline(*a, **k): raise requests.ConnectionError('no network here')\n"
+            "requests.get = requests.Session.request = offline\n"
+            "from lib import datasets\n"
+            "enc = datasets.get_tokenizer('gpt2')\n"
+            "print(json.dumps([enc.encode(t, allowed_special='all') for t in json.loads(sys.argv[1])]))")
+    env = {k: v for k, v in os.environ.items() if k != "TIKTOKEN_CACHE_DIR"}
+    r = subprocess.run([sys.executable, "-c", code, json.dumps(texts)], capture_output=True, text=True, env=env,
+                       cwd=Path(gpt.__file__).parent, timeout=120)
+    assert r.returncode == 0, r.stderr
+    reference = tiktoken.get_encoding("gpt2")
+    assert json.loads(r.stdout) == [reference.encode(t, allowed_special="all") for t in texts]
 
 
 def test_gpt_py_reads_in_order():
