@@ -25,4 +25,4 @@ def pytest_configure(config):
             tiktoken.get_encoding(name)
     except (OSError, ValueError):  # requests' errors are OSErrors; ValueError: a file that fails its sha256
         pytest.exit("the tests need tiktoken's gpt2 and cl100k_base files: connect to the network once, or set "
-                    "TIKTOKEN_CACHE_DIR to a folder holding them (README, Offline use)", returncode=2)
+                    "TIKTOKEN_CACHE_DIR to a folder holding them (docs/offline.md)", returncode=2)

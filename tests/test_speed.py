@@ -157,5 +157,5 @@ def test_keep_freed_memory_spares_the_page_faults_of_fresh_buffers():
         return out[0], int(out[1])
     pages = 2**25 * 4 // 4096
     plain, kept = faults("plain"), faults("keep")
-    assert plain[1] > 5 * pages and kept == ("True", kept[1]) and kept[1] < 2 * pages
+    assert plain[1] > 5 * pages and kept == ("True", kept[1]) and kept[1] < plain[1] / 2  # at most 3 of 6 buffers' pages
     assert faults("keep", MALLOC_TOP_PAD_="0")[0] == "False"
