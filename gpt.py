@@ -161,8 +161,8 @@ class GPT(nn.Module):
         return logits, loss
 
     def hidden_states(self, idx, caches=None, pos=0):
-        """The final normalized hidden state of every position, (B, T, n_embd). caches and pos: see
-        generate_stream."""
+        """The final normalized hidden state of every position, (B, T, n_embd). In generation, caches
+        holds each layer's KVCache and pos is where idx starts in the cached sequence."""
         T = idx.size(1)
         if pos + T > self.config.block_size:
             raise ValueError(f"sequence of {pos + T} tokens is longer than block_size={self.config.block_size}")
