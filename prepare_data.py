@@ -2,6 +2,7 @@
 
     python prepare_data.py tinystories                          # -> data/tinystories/{train,val}.bin + meta.json
     python prepare_data.py tinystories --tokenizer=cl100k_base  # 100k vocabulary: stored as uint32
+    python prepare_data.py plays                                # shipped with the code: no download
     python prepare_data.py shakespeare
     python prepare_data.py wikitext103                          # and wikitext2
     python prepare_data.py text --input=input.txt --val_fraction=0.1 --out_dir=data/mytext
@@ -24,8 +25,10 @@ What counts as a document:
                 nanoGPT has input.txt: with paragraphs, a model trained on a play learns to end every
                 speech with EOT, and samples stop there. Paragraphs suit a file of short separate
                 texts, one per paragraph.
+  plays         like text by default, on lib/plays/shakespeare.txt: nine of Shakespeare's plays,
+                1.2 MB, shipped with the code (lib/plays/README.md says where from).
   shakespeare   like text by default, on one file: one document per split.
-For text and shakespeare, val is the last --val_fraction of the bytes, starting at the first line
+For text, plays and shakespeare, val is the last --val_fraction of the bytes, starting at the first line
 after that point (a document crossing it is cut in two): deterministic, and val is text the model
 has not seen any of.
 """
@@ -248,6 +251,7 @@ def tokenize(path, read, enc, workers, desc):
 # sources are at paths.
 SPLITS = ("train", "val")
 SHAKESPEARE_URL = "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt"
+PLAYS = Path(__file__).resolve().parent / "lib" / "plays" / "shakespeare.txt"
 
 
 def hub(repo, file):
@@ -325,6 +329,7 @@ def text_files(cfg):
 
 DATASETS = {
     "tinystories": tinystories,
+    "plays": lambda cfg: plain_text([{"path": str(PLAYS)}], True, cfg),
     "shakespeare": lambda cfg: plain_text([{"url": cfg["url"]}], True, cfg),
     "wikitext103": lambda cfg: wikitext("wikitext-103-raw-v1", 2),
     "wikitext2": lambda cfg: wikitext("wikitext-2-raw-v1", 1),
@@ -350,13 +355,13 @@ def fetch(source):
 # ----------------------------------------------------------------------------- defaults
 # A note like `>= 1` or `[0, 1)` after a setting is its range, which lib/cli.py enforces.
 DEFAULTS = {
-    "dataset": "",              # or the first argument: tinystories, shakespeare, wikitext103, wikitext2, text
+    "dataset": "",              # or the first argument: tinystories, plays, shakespeare, wikitext103, wikitext2, text
     "out_dir": "",              # default data/<dataset>
     "tokenizer": "gpt2",        # any tiktoken encoding, e.g. cl100k_base
     "version": 2,               # tinystories: 2 = TinyStoriesV2-GPT4 (GPT-4 stories only), 1 = the original files
     "input": "",                # text: files and folders, comma-separated
     "documents": "files",       # text: "files" (each file one document) or "paragraphs" (split on blank lines)
-    "val_fraction": 0.1,        # (0, 1); text, shakespeare: the last this much of the bytes is val
+    "val_fraction": 0.1,        # (0, 1); text, plays, shakespeare: the last this much of the bytes is val
     "url": SHAKESPEARE_URL,     # shakespeare: where input.txt comes from (a mirror, say)
     "errors": "strict",         # undecodable UTF-8: "strict" stops and says where, "replace" substitutes U+FFFD
     "workers": 0,               # >= 0; tokenizing threads, 0 = one per core
@@ -366,8 +371,8 @@ DEFAULTS = {
 # ----------------------------------------------------------------------------- main
 
 APPLIES_TO = {"version": {"tinystories"}, "input": {"text"}, "documents": {"text"},
-              "val_fraction": {"text", "shakespeare"}, "url": {"shakespeare"},
-              "errors": {"tinystories", "text", "shakespeare"}}
+              "val_fraction": {"text", "plays", "shakespeare"}, "url": {"shakespeare"},
+              "errors": {"tinystories", "text", "plays", "shakespeare"}}
 CHOICES = {"version": (1, 2), "documents": ("files", "paragraphs"), "errors": ("strict", "replace")}
 
 

@@ -155,7 +155,7 @@ def get_tokenizer(name="gpt2"):
 # ----------------------------------------------------------------------------- batches
 
 # the datasets prepare_data.py knows by name (besides `text`, any local files)
-NAMED_DATASETS = ("tinystories", "shakespeare", "wikitext103", "wikitext2")
+NAMED_DATASETS = ("tinystories", "plays", "shakespeare", "wikitext103", "wikitext2")
 
 
 def seed_for(*key):

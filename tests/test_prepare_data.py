@@ -408,6 +408,20 @@ def test_shakespeare_first_90_percent_train(tmp_path, hub):
     assert tokens(tmp_path / "out" / "val.bin") == reference([val.strip()])
 
 
+def test_plays_ship_with_the_code_and_need_no_network(tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    shipped = ROOT / "lib" / "plays" / "shakespeare.txt"
+    digest = hashlib.sha256(shipped.read_bytes()).hexdigest()
+    assert digest in (ROOT / "lib" / "plays" / "README.md").read_text()  # the file its README describes
+    main(["plays", f"--out_dir={tmp_path / 'out'}"])
+    train, val = split_reference(shipped.read_bytes())
+    assert "\nPROSPERO:\n" in val and "\nPROSPERO:\n" not in train  # The Tempest is held out
+    assert tokens(tmp_path / "out" / "train.bin") == reference([train.strip()])
+    assert tokens(tmp_path / "out" / "val.bin") == reference([val.strip()])
+    meta = json.loads((tmp_path / "out" / "meta.json").read_text())
+    assert meta["splits"]["val"]["sources"] == [{"path": str(shipped), "sha256": digest}]
+
+
 # ----------------------------------------------------------------------------- bad input
 
 def test_bad_inputs_exit_2_with_one_line_and_write_nothing(tmp_path, capsys, hub, monkeypatch):
