@@ -437,7 +437,7 @@ def test_bad_inputs_exit_2_with_one_line_and_write_nothing(tmp_path, capsys, hub
     for name in ("train-00000-of-00001", "validation-00000-of-00001"):
         hub.add(f"datasets/Salesforce/wikitext/resolve/main/wikitext-2-raw-v1/{name}.parquet", not_wikitext.getvalue())
     cases = [
-        (["nosuch", out], "unknown dataset 'nosuch': choose from tinystories, shakespeare, wikitext103"),
+        (["nosuch", out], "unknown dataset 'nosuch': choose from tinystories, plays, shakespeare, wikitext103"),
         ([out], "no dataset given"),
         (["text", out], "text needs --input"),
         (["text", "--input=/no/such.txt", out], "/no/such.txt does not exist"),
