@@ -18,7 +18,7 @@ skips the prompt (label -100, unless --mask_prompt=False) and the padding, and c
 response and <|endoftext|>) are dropped, not truncated: a cut response would teach the model to
 stop mid-sentence, or never. Batches are padded to their longest example only.
 
-Training uses train.py's pieces from lib/: the LR schedule, AdamW and the optimizer step (gradient
+Training uses train.py's pieces from lib/: the LR schedule, AdamW or Muon and the optimizer step (gradient
 accumulation, clipping, AMP, GradScaler) and evaluation in lib/training.py, atomic checkpoints, stops,
 the log and its plot; its loop is train.py's.
 As there, the batch of every micro-step is a pure function of (seed, iteration, index), so a
@@ -58,6 +58,7 @@ quantize = "none"         # none | nf4 (QLoRA: the base weights in 4 bits; needs
 double_quant = True       # only with quantize=nf4; quantize NF4's scales too (4.127 instead of 4.5 bits per weight)
 merge = False             # at the end, also write out_dir/merged as a Hugging Face model
 # optimization
+optimizer = "adamw"       # adamw | muon: Muon for the blocks' matrices (a LoRA run's A and B), AdamW for the rest
 batch_size = 8            # >= 1
 gradient_accumulation_steps = 4  # >= 1; per process: a step sees world_size * this * batch_size examples
 max_iters = 1000          # >= 0
@@ -85,7 +86,7 @@ seed = 1337               # [0, 2**63)
 DEFAULTS = {k: v for k, v in globals().items() if not k.startswith("_") and isinstance(v, (int, float, str))}
 # what a resumed run may not change: the data, its order and the trained layers
 FIXED_KEYS = ("data", "data_path", "val_size", "subset", "max_seq_len", "mask_prompt", "lora_rank", "lora_alpha",
-              "quantize", "double_quant", "batch_size", "gradient_accumulation_steps", "seed")
+              "quantize", "double_quant", "batch_size", "gradient_accumulation_steps", "seed", "optimizer")
 
 # ----------------------------------------------------------------------------- prompts
 
@@ -260,6 +261,7 @@ def main(argv=None):
             cfg[key] = os.path.abspath(cfg[key])
     c = SimpleNamespace(**cfg)
     models.check_adapters(cfg)
+    training.check_optimizer(c.optimizer, c.fsdp)
     if c.init_from == "scratch":
         cli.fail("fine-tuning starts from trained weights: --init_from=gpt2 (or another GPT-2, a HF directory, or "
                  "a train.py out_dir)")
@@ -305,7 +307,7 @@ def main(argv=None):
     model.activation_checkpointing = c.activation_checkpointing
     sharded = c.fsdp and world_size > 1
     step_dtype = processes.shard_model(model, device, dtype) if sharded else dtype  # what autocast casts to
-    optimizer = training.make_optimizer(model, lr, c.weight_decay, (c.beta1, c.beta2), device)
+    optimizer = training.make_optimizer(model, lr, c.weight_decay, (c.beta1, c.beta2), device, c.optimizer)
     scaler = training.make_scaler(device, dtype)
     log_path = os.path.join(c.out_dir, "log.jsonl")
     start_iter, best_val_loss = checkpoints.restore(ckpt, model, optimizer, scaler, log_path, write_files=master)

@@ -62,6 +62,7 @@ lora_alpha = 16.0         # > 0; the update is scaled by lora_alpha / lora_rank
 lora_dropout = 0.05       # [0, 1)
 quantize = "none"         # none | nf4: the frozen block weights in 4 bits, QLoRA (needs lora_rank > 0)
 # AdamW and the learning-rate schedule
+optimizer = "adamw"       # adamw | muon: Muon for the blocks' matrices, AdamW for the rest (docs/training.md)
 learning_rate = 6e-4      # > 0
 max_iters = 5000          # >= 0
 weight_decay = 0.1        # >= 0
@@ -83,12 +84,13 @@ peak_flops = 0.0          # >= 0; FLOP/s that MFU is against; 0: a matmul in the
 # -----------------------------------------------------------------------------
 DEFAULTS = {k: v for k, v in globals().items() if not k.startswith("_") and isinstance(v, (int, float, str))}
 MODEL_KEYS = ("n_layer", "n_head", "n_embd", "block_size", "bias", "pos_emb", "mlp",  # fixed once a run starts
-              "lora_rank", "lora_alpha", "quantize")
+              "lora_rank", "lora_alpha", "quantize", "optimizer")
 
 
 def check(c):
     """The settings that cannot go together, refused before anything is loaded; the eval tasks' names."""
     models.check_adapters(vars(c))
+    training.check_optimizer(c.optimizer, c.fsdp)
     if c.compile and c.activation_checkpointing and (c.dropout or c.lora_rank and c.lora_dropout):
         cli.fail("--activation_checkpointing with --compile recomputes dropout with other masks than the forward "
                  "pass drew (torch.compile does not replay the random state), so the gradients would be wrong: "
@@ -184,7 +186,8 @@ def main(argv=None):
     model.activation_checkpointing = c.activation_checkpointing
     sharded = c.fsdp and world_size > 1
     step_dtype = processes.shard_model(model, device, dtype) if sharded else dtype  # what autocast casts to
-    optimizer = training.make_optimizer(model, c.learning_rate, c.weight_decay, (c.beta1, c.beta2), device)
+    optimizer = training.make_optimizer(model, c.learning_rate, c.weight_decay, (c.beta1, c.beta2), device,
+                                        c.optimizer)
     scaler = training.make_scaler(device, dtype)
     log_path = os.path.join(c.out_dir, "log.jsonl")
     start_iter, best_val_loss = checkpoints.restore(ckpt, model, optimizer, scaler, log_path, write_files=master)

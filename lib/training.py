@@ -1,10 +1,10 @@
-"""One optimizer step and an evaluation: the LR schedule, AdamW, gradient accumulation and clipping."""
+"""One optimizer step and an evaluation: the LR schedule, AdamW or Muon, gradient accumulation and clipping."""
 import math
 
 import torch
 import torch.distributed as dist
 
-from lib.cli import autocast
+from lib.cli import autocast, fail
 from lib.datasets import seed_for
 
 
@@ -19,15 +19,66 @@ def lr_at(it, learning_rate, min_lr, warmup_iters, decay_iters):
     return min_lr + 0.5 * (1.0 + math.cos(math.pi * progress)) * (learning_rate - min_lr)
 
 
-def make_optimizer(model, learning_rate, weight_decay, betas, device):
+def check_optimizer(name, fsdp):
+    """--optimizer's value and what it cannot go with, before any work."""
+    if name not in ("adamw", "muon"):
+        fail(f"--optimizer={name} is not one of adamw, muon")
+    if name == "muon" and not hasattr(torch.optim, "Muon"):
+        fail(f"--optimizer=muon needs torch.optim.Muon, which came with torch 2.9, and this is torch "
+             f"{torch.__version__}: upgrade torch (pip install -U torch), or use --optimizer=adamw")
+    if name == "muon" and fsdp:
+        fail("--optimizer=muon orthogonalizes each whole matrix, and under --fsdp=True a process holds a shard of "
+             "it: use DDP (--fsdp=False), or --optimizer=adamw")
+
+
+def muon_params(model):
+    """The parameters Muon updates: the trainable 2-D matrices inside the blocks (attention's and
+    the MLP's, or a LoRA run's A and B there). The rest stay with AdamW, as in nanochat and
+    modded-nanogpt: the token embedding (with the tied output matrix), the position table,
+    biases and norm gains, which are lookups or vectors rather than maps between hidden states."""
+    return [p for p in model.transformer.h.parameters() if p.requires_grad and p.dim() == 2]
+
+
+class MuonAdamW(tuple):
+    """(Muon, AdamW), stepped as one optimizer. The distributed state-dict functions of
+    lib/checkpoints.py take the pair as a list of optimizers (one state, keyed by parameter name);
+    GradScaler takes it as one optimizer, so a float16 overflow skips both steps."""
+
+    @property
+    def param_groups(self):
+        return self[0].param_groups + self[1].param_groups
+
+    def step(self):
+        for optimizer in self:
+            optimizer.step()
+
+    def zero_grad(self, set_to_none=True):
+        for optimizer in self:
+            optimizer.zero_grad(set_to_none=set_to_none)
+
+
+def make_optimizer(model, learning_rate, weight_decay, betas, device, optimizer="adamw"):
     """AdamW over the trainable parameters, decaying the matrices (linear layers, embeddings) but
-    not biases and LayerNorm gains. parameters() yields the tied wte/lm_head matrix once."""
-    params = [p for p in model.parameters() if p.requires_grad]
+    not biases and LayerNorm gains. parameters() yields the tied wte/lm_head matrix once.
+    optimizer="muon": Muon for muon_params(model), AdamW as above for the rest (MuonAdamW)."""
+    muon = muon_params(model) if optimizer == "muon" else []
+    taken = {id(p) for p in muon}
+    params = [p for p in model.parameters() if p.requires_grad and id(p) not in taken]
     groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
               {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
     # the fused kernel updates every tensor in one pass (on CUDA, and on the CPU: 5x faster there)
     fused = device.startswith("cuda") or device == "cpu"
-    return torch.optim.AdamW(groups, lr=learning_rate, betas=betas, fused=fused)
+    adamw = torch.optim.AdamW(groups, lr=learning_rate, betas=betas, fused=fused)
+    if optimizer == "adamw":
+        return adamw
+    # Muon's update is an orthogonalized matrix, whose size depends on the matrix's shape, not on
+    # the gradient's. match_rms_adamw scales it by 0.2 sqrt(max(rows, cols)) to the RMS of a
+    # typical AdamW update (Moonshot's "Muon is Scalable for LLM Training"): learning_rate then
+    # means the same step size for both optimizers, and the warmup and cosine schedule, which
+    # train_step gives every group, carries over. Torch's default would want a learning rate some
+    # 10-50x AdamW's. Momentum: torch's 0.95, with Nesterov, as Muon's authors use it.
+    return MuonAdamW((torch.optim.Muon(muon, lr=learning_rate, weight_decay=weight_decay,
+                                       adjust_lr_fn="match_rms_adamw"), adamw))
 
 
 def make_scaler(device, dtype):
@@ -88,6 +139,22 @@ def evaluate(model, get_batch, eval_iters, rank=0, world_size=1, device="cpu", d
         losses[split] = total.item() / eval_iters
     model.train()
     return losses
+
+
+def accumulation_for(total_tokens, batch_size, block_size, world_size):
+    """gradient_accumulation_steps that make an optimizer step total_tokens tokens, as llm.c and
+    build-nanogpt fix it: the same step on 1 GPU or 8, only more micro-batches on fewer."""
+    micro = world_size * batch_size * block_size  # tokens in one micro-batch of every process
+    if total_tokens % micro:
+        fail(f"--total_batch_size={total_tokens} is not a multiple of {world_size} process(es) x --batch_size="
+             f"{batch_size} x --block_size={block_size} = {micro} tokens: make it one, or change --batch_size")
+    return total_tokens // micro
+
+
+def evaluations_after(it, eval_interval, max_iters):
+    """How many evaluations a run has left after iteration it: at the multiples of eval_interval
+    up to max_iters, and at max_iters."""
+    return max_iters // eval_interval - it // eval_interval + (max_iters % eval_interval != 0)
 
 
 def due_for_eval(it, eval_interval, max_iters, ckpt, start_iter):
