@@ -7,17 +7,20 @@
     python eval.py --init_from=gpt2 --tasks=wikitext103 --limit=200     # a quick look: the first 200 of each
     torchrun --standalone --nproc_per_node=8 eval.py --init_from=gpt2-xl   # 8 processes share the examples
 
-  wikitext2, wikitext103  perplexity of the raw test split: per token (token_ppl), per WikiText word
-                          (word_ppl, the GPT-2 paper's Table 3 measure) and bits per byte
-  lambada                 OpenAI's LAMBADA test set: the last word right by greedy decoding (acc),
-                          and the perplexity of the last word (ppl)
+  wikitext2, wikitext103  perplexity of the raw test split: per token (token_ppl), bits per byte, and
+                          per WikiText word three ways: its words (word_ppl), its words and an <eos>
+                          per line (word_eos_ppl, likely the GPT-2 paper's Table 3 count), or
+                          lm-evaluation-harness's count (page_word_ppl); each count printed beside
+  lambada                 OpenAI's LAMBADA test set: the last word right by greedy decoding (acc) and
+                          its perplexity (ppl), as lm-evaluation-harness counts; the last BPE token
+                          right (last_token_acc, the GPT-2 paper's accuracy) and its perplexity
   hellaswag               the validation set, completion style: the likeliest of 4 endings by
                           total (acc) or mean (acc_norm) log-probability per token
   val                     your own data: the val split of a folder prepare_data.py wrote (--data),
                           scored as WikiText is: loss per token, perplexity and bits per byte
 
     python eval.py --init_from=out-shakespeare --tasks=val --data=data/shakespeare
-README ("How good is the model?") says exactly how each is computed, beside the published figures.
+docs/evaluation.md says exactly how each is computed, beside the published figures.
 """
 import json
 import os

@@ -9,7 +9,7 @@ forward pass, padded on the right: a causal model never looks ahead, so the padd
 nothing before it. Under torchrun each process takes a share of the batches and writes each of
 its examples' numbers into that example's row of one table; the processes add their tables up
 (every row has one author, so the sum is exact) and any number of processes gives the numbers of
-one. README, "How good is the model?", says what each number means.
+one. docs/evaluation.md says what each number means.
 """
 import json
 import math
@@ -201,6 +201,22 @@ def wikitext_windows(length, block, stride):
     return windows
 
 
+_TITLE = re.compile(r"= [^=].* =")  # an article's title line, " = Title = "; its sections' are " = = Section = = "
+
+
+def wikitext_word_counts(rows):
+    """The three word counts that WikiText's word-level perplexities divide by, for the lines
+    (rows) of a raw split: one total NLL, divided by each, gives a perplexity of its own.
+    words: WikiText's own whitespace-separated tokens;
+    words_eos: those and one <eos> per line, blank lines included, as word-level language models
+      read the split: the 245,569 test tokens the dataset's paper gives (its 4,358 lines);
+    page_words: lm-evaluation-harness's len(re.split(r"\\s+", page)) summed over the articles: an
+      article begins and ends with whitespace, an empty string at each end: its words plus 2."""
+    words = sum(len(row.split()) for row in rows)
+    articles = sum(1 for row in rows if _TITLE.fullmatch(row.strip()))
+    return {"words": words, "words_eos": words + len(rows), "page_words": words + 2 * articles}
+
+
 def wikitext(name, path, enc, block, stride, limit, text_form):
     """The test split as one stream after <|endoftext|>, so that its first token is scored too.
     text_form "detokenized": the lines as the file has them, de-tokenized (the paper's way);
@@ -211,12 +227,15 @@ def wikitext(name, path, enc, block, stride, limit, text_form):
     if not text.strip():
         fail(f"{path}: the test split holds no text")
     tokens = [enc.eot_token] + enc.encode_ordinary(text)
-    words, n_bytes = len(raw.split()), len(text.encode("utf-8"))  # words: WikiText's own tokens
+    n_bytes = len(text.encode("utf-8"))
+    words = wikitext_word_counts(rows)
 
     def summarize(table):
         nll, count = table[:, 0].sum(), table[:, 1].sum()
-        return {"token_ppl": math.exp(nll / count), "word_ppl": math.exp(nll / words),
-                "bits_per_byte": nll / math.log(2) / n_bytes, "tokens": int(count)}
+        return {"token_ppl": math.exp(nll / count), "word_ppl": math.exp(nll / words["words"]),
+                "word_eos_ppl": math.exp(nll / words["words_eos"]),
+                "page_word_ppl": math.exp(nll / words["page_words"]),
+                "bits_per_byte": nll / math.log(2) / n_bytes, "tokens": int(count), **words}
 
     examples = [[(tokens[begin:end + 1], n)] for begin, end, n in wikitext_windows(len(tokens), block, stride)]
     return Task(name, examples, lambda i, scores: (-scores[0][0], examples[i][0][1]), summarize, 2, len(rows),
@@ -258,20 +277,30 @@ def _lambada_problem(record):
 
 
 def lambada(path, enc, limit):
-    """Each passage's last word, after a space, given the rest: counted right when greedy decoding
-    gives every one of its tokens (the model's top choice at each, given the true ones before)."""
+    """Each passage's last word, after a space, given the rest, counted two ways.
+    acc, ppl: the whole word, right when greedy decoding gives every one of its tokens (the model's
+    top choice at each, given the true ones before), as lm-evaluation-harness's lambada_openai counts.
+    last_token_acc, last_token_ppl: only the passage's last BPE token, given every token before it,
+    the word's first pieces included, as OpenAI scored the GPT-2 paper's accuracy. A word of one
+    token counts the same both ways; of several, its last piece is often easy once its first is given.
+    Each passage is two requests on the same tokens, as HellaSwag's endings repeat their context."""
     records = read_jsonl(path, _lambada_problem, "OpenAI's lambada_test.jsonl")[:limit or None]
     examples = []
     for record in records:
         context, word = record["text"].strip().rsplit(" ", 1)
         word_tokens = enc.encode_ordinary(" " + word)
-        examples.append([(enc.encode_ordinary(context) + word_tokens, len(word_tokens))])
+        tokens = enc.encode_ordinary(context) + word_tokens
+        examples.append([(tokens, len(word_tokens)), (tokens, 1)])
+
+    def values(i, scores):
+        (word, word_right), (last, last_right) = scores
+        return -word, float(word_right), -last, float(last_right)
 
     def summarize(table):
-        return {"acc": table[:, 1].mean(), "ppl": math.exp(table[:, 0].mean())}
+        return {"acc": table[:, 1].mean(), "ppl": math.exp(table[:, 0].mean()),
+                "last_token_acc": table[:, 3].mean(), "last_token_ppl": math.exp(table[:, 2].mean())}
 
-    return Task("lambada", examples, lambda i, scores: (-scores[0][0], float(scores[0][1])), summarize, 2,
-                len(examples), "passages")
+    return Task("lambada", examples, values, summarize, 4, len(examples), "passages")
 
 
 # ----------------------------------------------------------------------------- HellaSwag

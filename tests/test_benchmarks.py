@@ -5,6 +5,7 @@ import io
 import json
 import math
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -40,7 +41,7 @@ def models(tmp_path_factory):
 def wikitext_rows(rng, lines=40):
     rows = []
     for a in range(2):
-        rows += ["", f" = Title {a} = \n", ""]
+        rows += ["", f" = Title {a} = \n", "", f" = = Part {a} = = \n"]
         rows += [" " + " ".join(rng.choice(WORDS, size=rng.integers(3, 25))) + " \n" for _ in range(lines // 2)]
     return rows
 
@@ -97,9 +98,29 @@ def test_strided_perplexity_equals_transformers_on_the_same_windows(models, tmp_
     got = benchmarks.run_task(ours, task, batch_size=3)
     assert got["tokens"] == len(scored)
     assert math.log(got["token_ppl"]) == pytest.approx(total / len(scored), rel=1e-5)
-    raw = "".join(row or "\n" for row in wikitext_rows(np.random.default_rng(1)))
-    assert math.log(got["word_ppl"]) == pytest.approx(total / len(raw.split()), rel=1e-5)
     assert got["bits_per_byte"] == pytest.approx(total / math.log(2) / len(task.text.encode()), rel=1e-5)
+    file = "".join(row or " \n" for row in wikitext_rows(np.random.default_rng(1)))  # the raw file's lines
+    counts = {"words": len(file.split()),
+              "words_eos": sum(len(line.split()) + 1 for line in io.StringIO(file)),  # word-level LMs' <eos>
+              "page_words": sum(len(re.split(r"\s+", page)) for page in harness_pages(file))}
+    assert len(set(counts.values())) == 3
+    for count, ppl in (("words", "word_ppl"), ("words_eos", "word_eos_ppl"), ("page_words", "page_word_ppl")):
+        assert got[count] == counts[count]
+        assert math.log(got[ppl]) == pytest.approx(total / counts[count], rel=1e-5)
+
+
+def harness_pages(file):
+    """lm-evaluation-harness's articles (EleutherAI/wikitext_document_level): the file's lines
+    joined by newlines, a new one at each title line "= Title =" (its sections' "= = Part = ="
+    lines, once "= =" is written "==", do not start with "= "); whitespace-only pages dropped."""
+    pages, lines = [], []
+    for line in file.split("\n"):
+        flat = line.replace("= = =", "===").replace("= =", "==").strip()
+        if flat.startswith("= ") and flat.endswith(" ="):
+            pages.append("\n".join(lines))
+            lines = []
+        lines.append(line)
+    return [page for page in pages + ["\n".join(lines)] if page.strip()]
 
 
 def test_stride_equal_to_the_context_is_the_mean_loss_of_non_overlapping_windows(models, tmp_path):
@@ -159,6 +180,42 @@ def test_hellaswag_and_lambada_equal_one_example_at_a_time_and_batching_changes_
         la = benchmarks.run_task(ours, benchmarks.lambada(tmp_path / "l.jsonl", enc, 0), batch_size)
         assert la["acc"] == right / len(lambada)
         assert la["ppl"] == pytest.approx(math.exp(nll / len(lambada)), rel=1e-5)
+
+
+def lambada_passages_with_right_last_tokens(theirs, enc, rng, n=12):
+    """Passages whose last token transformers' model predicts: the last word is its top choice
+    after the context, a word of one token; or a stem, then its top choice of a piece of word,
+    which the whole word's first token seldom is. Kept when the text tokenizes to those tokens."""
+    def top(tokens):
+        with torch.no_grad():
+            return theirs(torch.tensor([tokens[-BLOCK:]])).logits[0, -1].argmax().item()
+    texts = []
+    for _ in range(n):
+        context = " ".join(rng.choice(WORDS[:12], size=rng.integers(3, 80)))
+        for stem, piece in (("", r" [a-z]+"), (" " + str(rng.choice(["mat", "dog", "home"])), "[a-z]+")):
+            tokens = enc.encode_ordinary(context + stem)
+            text = context + stem + enc.decode([top(tokens)])
+            if re.fullmatch(piece, enc.decode([top(tokens)])) and enc.encode_ordinary(text) == tokens + [top(tokens)]:
+                texts.append(text)
+    return texts
+
+
+def test_lambada_last_token_accuracy_equals_transformers_on_the_whole_passage(models, tmp_path):
+    """OpenAI's way: each passage tokenized whole, transformers' logits for its last token given
+    all before it. Some passages are built so that the last token is right and the word is not."""
+    _, theirs, ours = models
+    enc = tiktoken.get_encoding("gpt2")
+    rng = np.random.default_rng(6)
+    texts = lambada_passages_with_right_last_tokens(theirs, enc, rng) + [r["text"] for r in records(rng)[1]]
+    (tmp_path / "l.jsonl").write_bytes(jsonl([{"text": text} for text in texts]))
+    right, nll = 0, 0.0
+    for text in texts:
+        one, greedy = nll_of(theirs, enc.encode_ordinary(text)[-(BLOCK + 1):], 1)
+        right, nll = right + greedy, nll + one
+    got = benchmarks.run_task(ours, benchmarks.lambada(tmp_path / "l.jsonl", enc, 0), batch_size=5)
+    assert got["last_token_acc"] == right / len(texts)
+    assert got["last_token_ppl"] == pytest.approx(math.exp(nll / len(texts)), rel=1e-5)
+    assert 0 < got["acc"] < got["last_token_acc"] < 1  # the two counts differ on these passages
 
 
 def test_score_over_several_logit_chunks_equals_transformers(models):

@@ -584,8 +584,9 @@ def test_eval_tasks_are_scored_logged_and_plotted(task_cache, tmp_path, capsys, 
     monkeypatch.setattr(Figure, "savefig", lambda fig, *a, **k: figures.append(fig) or save(fig, *a, **k))
     logs.plot_log(out / "log.jsonl", tmp_path / "loss.png")
     panels = {ax.get_title(): [line.get_label() for line in ax.get_lines()] for ax in figures[0].axes}
-    assert panels["benchmark accuracy"] == ["hellaswag_acc", "hellaswag_acc_norm", "lambada_acc"]
-    assert panels["benchmark perplexity"] == ["lambada_ppl"]
+    assert panels["benchmark accuracy"] == ["hellaswag_acc", "hellaswag_acc_norm", "lambada_acc",
+                                            "lambada_last_token_acc"]
+    assert panels["benchmark perplexity"] == ["lambada_last_token_ppl", "lambada_ppl"]
 
 
 @pytest.mark.slow
@@ -597,7 +598,7 @@ def test_eval_tasks_under_fsdp_score_what_one_process_scores(task_cache, tmp_pat
     run([*args, "--fsdp=True"], task_cache, tmp_path / "two", nproc=2)
     (one,), (two,) = read_log(tmp_path / "one")[1], read_log(tmp_path / "two")[1]
     scores = [k for k in one if k.startswith(("hellaswag", "lambada"))]
-    assert len(scores) == 4
+    assert len(scores) == 6
     for key in scores:
         assert two[key] == pytest.approx(one[key], rel=1e-6), key
 
