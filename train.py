@@ -19,6 +19,7 @@ one process accumulating G micro-batches and G processes taking one each compute
 and a resumed run repeats an uninterrupted one bit for bit, with no random state to carry over.
 """
 import os
+import time
 from types import SimpleNamespace
 
 import lib  # noqa: F401 -- first: a Ctrl-C while torch loads then ends the script with one line
@@ -48,6 +49,7 @@ data_dir = "data"
 batch_size = 8            # >= 1
 block_size = 256          # >= 1
 gradient_accumulation_steps = 1  # >= 1; per process: a step sees world_size * this * batch_size sequences
+total_batch_size = 0      # >= 0, only with gradient_accumulation_steps=1; tokens per step: sets the accumulation
 # model (ignored for gpt2* weights, which bring their own shape)
 n_layer = 6               # >= 1
 n_head = 6                # >= 1
@@ -165,7 +167,10 @@ def main(argv=None):
     task_names = check(c)
     rank, world_size, device = processes.setup_ddp(cli.pick_device(c.device))
     master = rank == 0  # only the first process writes files and prints
-    if ckpt is not None:
+    if c.total_batch_size:
+        cfg["gradient_accumulation_steps"] = c.gradient_accumulation_steps = training.accumulation_for(
+            c.total_batch_size, c.batch_size, c.block_size, world_size)
+    elif ckpt is not None:
         cfg["gradient_accumulation_steps"] = c.gradient_accumulation_steps = checkpoints.resumed_accumulation(
             ckpt, c.gradient_accumulation_steps, world_size)
     dtype = cli.pick_dtype(c.dtype, device)
@@ -198,9 +203,12 @@ def main(argv=None):
     flops_per_iter = measure.flops_per_token(model.config, model.num_params(), c.block_size) * tokens_per_iter
     peak = c.peak_flops or measure.matmul_flops(device, dtype)
     if master:
-        print(f"{model.num_params() / 1e6:.2f}M parameters, {tokens_per_iter:,} tokens per iteration, {world_size} "
-              f"process(es) ({processes.split_name(world_size, sharded)}) on {device}, {dtype}, peak "
-              f"{peak / 1e12:.3f} TFLOP/s for MFU\n{processes.held_per_process(model)}", flush=True)
+        split = processes.split_name(world_size, sharded)
+        micro = f"{c.gradient_accumulation_steps} micro-batch(es) of {c.batch_size} x {c.block_size}"
+        print(f"{model.num_params() / 1e6:.2f}M parameters, {world_size} process(es) ({split}) on {device}, {dtype}, "
+              f"peak {peak / 1e12:.3f} TFLOP/s for MFU\n{tokens_per_iter:,} tokens per step ({world_size} "
+              f"process(es) x {micro}) x {c.max_iters:,} steps = {tokens_per_iter * c.max_iters:,} tokens\n"
+              f"{processes.held_per_process(model)}", flush=True)
 
     def checkpoint(it, evaluated=True):
         """Every process takes part (FSDP gathers the shards); rank 0 writes."""
@@ -212,11 +220,12 @@ def main(argv=None):
                 resume=stops.resume_command("train.py", c.out_dir, world_size))
 
     # the training loop
-    it = start_iter
+    it, estimated = start_iter, False
     clock = measure.Clock(it)
     with stops.stop_signals(announce=master) as caught:
         while True:
             if training.due_for_eval(it, c.eval_interval, c.max_iters, ckpt, start_iter):
+                evaluation_began = time.perf_counter()
                 losses = training.evaluate(fast, get_batch, c.eval_iters, rank, world_size, device, step_dtype)
                 best_val_loss = min(best_val_loss, losses["val"])
                 scores = benchmark_scores(model, tasks, c.batch_size, sharded, rank, world_size, device, step_dtype)
@@ -225,7 +234,7 @@ def main(argv=None):
                     logs.log_eval(log_path, it, losses, best_val_loss, {**scores, "sample": text}, wandb_run,
                                   printed=f", sample: {text!r}")
                 checkpoint(it)
-                clock.restart(it)  # evaluation time is not training time
+                clock.restart(it, paused_since=evaluation_began)  # evaluation time is not training time
             if it >= c.max_iters:
                 break
             lr = training.lr_at(it, c.learning_rate, c.min_lr, c.warmup_iters, c.lr_decay_iters or c.max_iters)
@@ -240,6 +249,11 @@ def main(argv=None):
                                              "tokens_per_s": tokens_per_iter / seconds,
                                              "mfu": flops_per_iter / seconds / (peak * world_size),
                                              "mem": measure.memory_mb(device)}, wandb_run)
+                    if it > start_iter and not estimated:  # the first lap held the first step's warm-up
+                        logs.log_estimate(log_path, it, seconds, tokens_per_iter, c.max_iters - it - 1,
+                                          training.evaluations_after(it, c.eval_interval, c.max_iters),
+                                          clock.eval_seconds, wandb_run)
+                        estimated = True
             it += 1
             stop = stops.agreed_stop(caught, world_size, device)
             if stop and it < c.max_iters:

@@ -7,6 +7,7 @@ import sys
 from lib.benchmarks import TASKS
 from lib.cli import fail
 from lib.files import atomic_write
+from lib.measure import duration
 
 
 def warn(what, path, error):
@@ -32,6 +33,18 @@ def log_step(path, record, wandb_run=None):
     mfu = f", MFU {100 * record['mfu']:.2f}%" if "mfu" in record else ""
     print(f"iter {record['iter']}: loss {record['loss']:.4f}, lr {record['lr']:.2e}, {record['ms']:.1f} ms/iter, "
           f"{record['tokens_per_s']:,.0f} tokens/s{mfu}, mem {record['mem']:,.0f} MB", flush=True)
+    log_record(path, record, wandb_run)
+
+
+def log_estimate(path, it, seconds_per_step, tokens_per_step, steps_left, evals_left, eval_seconds, wandb_run=None):
+    """Once the first steps are timed: the run's throughput and the time it has left, its
+    evaluations included, printed and logged."""
+    steps, evals = seconds_per_step * steps_left, eval_seconds * evals_left
+    record = {"iter": it, "estimated_tokens_per_s": tokens_per_step / seconds_per_step,
+              "estimated_seconds_left": steps + evals}
+    print(f"estimate: {record['estimated_tokens_per_s']:,.0f} tokens/s; {steps_left:,} steps left take "
+          f"{duration(steps)}, {evals_left} evaluations {duration(evals)}: about {duration(steps + evals)} in all",
+          flush=True)
     log_record(path, record, wandb_run)
 
 

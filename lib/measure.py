@@ -45,15 +45,29 @@ def memory_mb(device):
     return peak / 2 ** 20 if sys.platform == "darwin" else peak / 2 ** 10  # bytes on macOS, KiB on Linux
 
 
+def duration(seconds):
+    """A length of time as a person says it: 42 s, 7 min 5 s, 3 h 12 min, 2 d 4 h."""
+    seconds = round(seconds)
+    for unit, size, smaller, smaller_size in (("d", 86400, "h", 3600), ("h", 3600, "min", 60), ("min", 60, "s", 1)):
+        if seconds >= size:
+            return f"{seconds // size} {unit} {seconds % size // smaller_size} {smaller}"
+    return f"{seconds} s"
+
+
 class Clock:
     """Seconds per training iteration between two log lines, evaluations left out."""
 
     def __init__(self, it):
+        self.eval_seconds = 0.0
         self.restart(it)
 
-    def restart(self, it):
-        """Count from now, iteration it being the next."""
-        self.start, self.it = time.perf_counter(), it
+    def restart(self, it, paused_since=None):
+        """Count from now, iteration it being the next. paused_since: when the evaluation that
+        stopped the clock began; its length is kept, for the run's estimate."""
+        now = time.perf_counter()
+        if paused_since is not None:
+            self.eval_seconds = now - paused_since
+        self.start, self.it = now, it
 
     def lap(self, it):
         """Seconds per iteration since the last lap or restart, iteration it included; the next lap

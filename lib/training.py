@@ -141,6 +141,22 @@ def evaluate(model, get_batch, eval_iters, rank=0, world_size=1, device="cpu", d
     return losses
 
 
+def accumulation_for(total_tokens, batch_size, block_size, world_size):
+    """gradient_accumulation_steps that make an optimizer step total_tokens tokens, as llm.c and
+    build-nanogpt fix it: the same step on 1 GPU or 8, only more micro-batches on fewer."""
+    micro = world_size * batch_size * block_size  # tokens in one micro-batch of every process
+    if total_tokens % micro:
+        fail(f"--total_batch_size={total_tokens} is not a multiple of {world_size} process(es) x --batch_size="
+             f"{batch_size} x --block_size={block_size} = {micro} tokens: make it one, or change --batch_size")
+    return total_tokens // micro
+
+
+def evaluations_after(it, eval_interval, max_iters):
+    """How many evaluations a run has left after iteration it: at the multiples of eval_interval
+    up to max_iters, and at max_iters."""
+    return max_iters // eval_interval - it // eval_interval + (max_iters % eval_interval != 0)
+
+
 def due_for_eval(it, eval_interval, max_iters, ckpt, start_iter):
     """Evaluate (and checkpoint) every eval_interval iterations and at the end, except where the run
     resumes from a checkpoint written after that evaluation."""
