@@ -267,7 +267,8 @@ def test_eval_py_downloads_scores_every_task_and_then_runs_offline(models, mirro
     env = {"HF_ENDPOINT": hub.url, "GPT2REF_CACHE": str(cache)}
     result = eval_py(f"--init_from={path}", f"--out_dir={tmp_path}", "--batch_size=7", *urls, env=env)
     assert result.returncode == 0, result.stderr[-2000:]
-    for word in ("wikitext2", "wikitext103", "lambada", "hellaswag", "word_ppl", "acc_norm", "bits_per_byte"):
+    for word in ("wikitext2", "wikitext103", "lambada", "hellaswag", "word_ppl", "word_eos_ppl", "page_word_ppl",
+                 "words_eos", "last_token_acc", "last_token_ppl", "acc_norm", "bits_per_byte"):
         assert word in result.stdout
     saved = json.loads((tmp_path / "eval.json").read_text())["results"]
     enc = tiktoken.get_encoding("gpt2")
