@@ -9,7 +9,7 @@ import pytest
 import tiktoken
 import torch
 
-from conftest import ROOT
+from conftest import ROOT, cl100k_or_skip
 
 transformers = pytest.importorskip("transformers")
 
@@ -324,7 +324,7 @@ def test_a_tokenizer_other_than_the_models_is_refused(hf_dir, tmp_path):
 
 @pytest.mark.slow
 def test_a_prompt_the_model_cannot_embed_is_one_line(hf_dir, small_vocab_dir):
-    cl100k = tiktoken.get_encoding("cl100k_base")
+    cl100k = cl100k_or_skip()
     beyond = next(i for i in cl100k.encode(" Quantum chromodynamics") if i >= 50257)
     # a local HF directory does not record its tokenizer: --tokenizer is taken, and the prompt checked
     r = run(f"--init_from={hf_dir[0]}", "--tokenizer=cl100k_base", "--start= Quantum chromodynamics")
