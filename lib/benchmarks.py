@@ -24,7 +24,7 @@ import torch.distributed as dist
 from tqdm import tqdm
 
 from lib.cli import autocast, fail
-from lib.datasets import read_tokens, wikitext_rows
+from lib.datasets import parquet_texts, read_tokens
 from lib.downloads import DownloadError, hub_file, web_file, web_path
 from lib.speed import exp_shifted_, logit_chunks
 
@@ -221,7 +221,7 @@ def wikitext(name, path, enc, block, stride, limit, text_form):
     """The test split as one stream after <|endoftext|>, so that its first token is scored too.
     text_form "detokenized": the lines as the file has them, de-tokenized (the paper's way);
     "guide": the lines joined by blank lines, as transformers' perplexity guide does."""
-    rows = [row for batch, _ in wikitext_rows(path) for row in batch][:limit or None]
+    rows = [row for batch, _ in parquet_texts(path) for row in batch][:limit or None]
     raw = "".join(row or "\n" for row in rows)
     text = wikitext_detokenize(raw) if text_form == "detokenized" else "\n\n".join(rows)
     if not text.strip():

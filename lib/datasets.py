@@ -10,6 +10,7 @@ import functools
 import hashlib
 import json
 import os
+import re
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -155,7 +156,17 @@ def get_tokenizer(name="gpt2"):
 # ----------------------------------------------------------------------------- batches
 
 # the datasets prepare_data.py knows by name (besides `text`, any local files)
-NAMED_DATASETS = ("tinystories", "plays", "shakespeare", "wikitext103", "wikitext2")
+NAMED_DATASETS = ("tinystories", "plays", "shakespeare", "wikitext103", "wikitext2", "fineweb-edu")
+
+
+def split_shards(folder, split):
+    """The shards of a split: <split>.bin, or else <split>_000001.bin, <split>_000002.bin, ... in name
+    order, for a split too big for one file (as prepare_data.py fineweb-edu writes train)."""
+    numbered = sorted(name for name in os.listdir(folder) if re.fullmatch(rf"{split}_\d+\.bin", name))
+    single = os.path.join(folder, f"{split}.bin")
+    if numbered and os.path.exists(single):
+        fail(f"{folder} holds both {split}.bin and {split}_*.bin shards: remove the ones that are not this dataset's")
+    return [os.path.join(folder, name) for name in numbered] or [single]
 
 
 def seed_for(*key):
@@ -168,13 +179,22 @@ def seed_for(*key):
 def batch_loader(folder, batch_size, block_size, device, seed):
     """get_batch(split, key, index) -> (x, y), each (batch_size, block_size): windows of the split's
     tokens at offsets drawn from a generator seeded by (seed, split, key, index). key is the
-    iteration for training batches and "eval" for the fixed evaluation batches."""
+    iteration for training batches and "eval" for the fixed evaluation batches. A split of several
+    shards is one pool of windows, none crossing from one shard to the next."""
+    shards = {split: split_shards(folder, split) for split in ("train", "val")}
+    # the windows up to the end of each shard: an offset below the last picks a shard and a place in it
+    ends = {split: np.cumsum([max(len(read_tokens(path)) - block_size, 0) for path in paths])
+            for split, paths in shards.items()}
+
     def get_batch(split, key, index):
-        # opened per batch, as nanoGPT does: a long-lived memmap lets touched pages pile up in RSS
-        tokens = read_tokens(os.path.join(folder, f"{split}.bin"))
         gen = torch.Generator().manual_seed(seed_for(seed, split, key, index))
-        starts = torch.randint(len(tokens) - block_size, (batch_size,), generator=gen).tolist()
-        rows = torch.from_numpy(np.stack([tokens[s:s + block_size + 1] for s in starts]).astype(np.int64))
+        offsets = torch.randint(int(ends[split][-1]), (batch_size,), generator=gen).numpy()
+        which = np.searchsorted(ends[split], offsets, side="right")
+        starts = offsets - np.concatenate([[0], ends[split]])[which]
+        # opened per batch, as nanoGPT does: a long-lived memmap lets touched pages pile up in RSS
+        tokens = {k: read_tokens(shards[split][k]) for k in set(which.tolist())}
+        rows = np.stack([tokens[k][s:s + block_size + 1] for k, s in zip(which, starts)])
+        rows = torch.from_numpy(rows.astype(np.int64))
         x, y = rows[:, :-1].contiguous(), rows[:, 1:].contiguous()
         if device.startswith("cuda"):  # page-locked memory lets the copy overlap with compute
             return x.pin_memory().to(device, non_blocking=True), y.pin_memory().to(device, non_blocking=True)
@@ -202,41 +222,53 @@ def read_meta(folder, block_size):
     if isinstance(vocab_size, bool) or not isinstance(vocab_size, int) or vocab_size < 1:
         fail(f"{path}: vocab_size must be a positive int, got {vocab_size!r}; prepare the dataset again")
     for split in ("train", "val"):
+        shards = split_shards(folder, split)
         try:
-            count = len(read_tokens(os.path.join(folder, f"{split}.bin")))
+            count = max(len(read_tokens(path)) for path in shards)
         except (OSError, ValueError) as e:
             fail(f"{split} split of {folder}: {e}")
         if count <= block_size:
-            fail(f"the {split} split of {folder} has {count} tokens: too few for --block_size={block_size}")
-        bound = id_bound(os.path.join(folder, f"{split}.bin"))
+            longest = " in its longest shard" if len(shards) > 1 else ""
+            fail(f"the {split} split of {folder} has {count} tokens{longest}: too few for --block_size={block_size}")
+        bound = max(id_bound(path) for path in shards)
         if bound > vocab_size:
             fail(f"the {split} split of {folder} holds token id {bound - 1}, beyond meta.json's vocab_size={vocab_size}: "
                  f"the shards and meta.json disagree; prepare the dataset again")
     return meta
 
 
-# ----------------------------------------------------------------------------- WikiText's files
+# ----------------------------------------------------------------------------- parquet files
 
 def require_pyarrow():
-    """Check, before anything is downloaded, that WikiText's parquet files can be read."""
+    """Check, before anything is downloaded, that parquet files (WikiText's, FineWeb-Edu's) can be read."""
     try:
         import pyarrow.parquet  # noqa: F401
     except ImportError:
-        fail("wikitext comes as parquet files, which need pyarrow: pip install pyarrow")
+        fail("the dataset comes as parquet files, which need pyarrow: pip install pyarrow")
 
 
-def wikitext_rows(path):
-    """The rows of a WikiText parquet file (one line of text each, '' for an empty line), in lists
-    of up to 8192, with the file's total row count: yields (rows, total)."""
+def parquet_texts(path, first_row=0):
+    """The 'text' column of a parquet file from row first_row on, read a row group at a time, in lists
+    of up to 8192 strings, with the file's total row count: yields (texts, total)."""
     import pyarrow.parquet as pq
     try:
         parquet = pq.ParquetFile(path)
     except (OSError, ValueError) as e:  # pyarrow's errors derive from these
         fail(f"{path}: not a parquet file ({e})")
     if "text" not in parquet.schema_arrow.names:
-        fail(f"{path}: no 'text' column (it has {', '.join(parquet.schema_arrow.names)}); is it WikiText?")
-    for batch in parquet.iter_batches(batch_size=8192, columns=["text"]):
-        yield batch.column(0).to_pylist(), parquet.metadata.num_rows
+        fail(f"{path}: no 'text' column (it has {', '.join(parquet.schema_arrow.names)})")
+    meta, group, skip = parquet.metadata, 0, first_row
+    while group < meta.num_row_groups and skip >= meta.row_group(group).num_rows:
+        skip -= meta.row_group(group).num_rows
+        group += 1
+    if group == meta.num_row_groups:
+        return
+    for batch in parquet.iter_batches(batch_size=8192, columns=["text"], row_groups=range(group, meta.num_row_groups)):
+        texts = batch.column(0).slice(min(skip, len(batch)))
+        skip = max(skip - len(batch), 0)
+        if texts.null_count:
+            fail(f"{path}: a row has no text (null); is the file damaged?")
+        yield texts.to_pylist(), meta.num_rows
 
 
 # ----------------------------------------------------------------------------- the Alpaca prompt

@@ -1,13 +1,14 @@
 """Downloads over HTTP into a cache: resumed, retried, checked against the size and sha256 announced."""
+import json
 import os
 import time
 from pathlib import Path
-from urllib.parse import urlsplit
+from urllib.parse import quote, urlsplit
 
 import requests
 from tqdm import tqdm
 
-from lib.files import file_sha256
+from lib.files import atomic_write, file_sha256
 
 
 class DownloadError(RuntimeError):
@@ -25,12 +26,57 @@ def cache_dir():
                 Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "gpt2ref")
 
 
-def hub_file(repo, filename, repo_type="model"):
+def hub_endpoint():
+    return os.environ.get("HF_ENDPOINT", "https://huggingface.co").rstrip("/")
+
+
+def offline():
+    return os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on")
+
+
+def hub_path(repo, filename, repo_type="model"):
+    """Where the cache keeps a file of a hub repo."""
+    return cache_dir() / f"{repo_type}s" / repo / filename
+
+
+def hub_file(repo, filename, repo_type="model", sha256=None, size=None):
     """Path of a file from a Hugging Face hub repo, downloaded once into the cache."""
-    endpoint = os.environ.get("HF_ENDPOINT", "https://huggingface.co").rstrip("/")
     prefix = "datasets/" if repo_type == "dataset" else ""
-    url = f"{endpoint}/{prefix}{repo}/resolve/main/{filename}"
-    return download(url, cache_dir() / f"{repo_type}s" / repo / filename)
+    url = f"{hub_endpoint()}/{prefix}{repo}/resolve/main/{filename}"
+    return download(url, hub_path(repo, filename, repo_type), sha256, size)
+
+
+def hub_folder(repo, folder, repo_type="model"):
+    """The files in a folder of a hub repo, sorted by path, as [{"file": path in the repo, "bytes": size,
+    "sha256": of an LFS file, else None}]. Asked of the hub's tree API (page after page, as it splits
+    long listings) and kept in the cache, which is all that HF_HUB_OFFLINE reads."""
+    cached = cache_dir() / "listings" / f"{repo_type}s" / repo / f"{folder}.json"
+    if offline():
+        if not cached.exists():
+            raise DownloadError(f"the list of files in {repo}/{folder} is not cached and HF_HUB_OFFLINE "
+                                f"forbids asking the hub")
+        return json.loads(cached.read_text())
+    url = f"{hub_endpoint()}/api/{repo_type}s/{repo}/tree/main/{quote(folder, safe='')}"
+    listing = []
+    while url:
+        try:
+            r = requests.get(url, timeout=(10, 60))
+            page = r.json() if r.status_code == 200 else None
+        except (requests.RequestException, ValueError) as e:
+            raise DownloadError(f"listing {repo}/{folder} failed: {e}") from None
+        if r.status_code != 200:
+            raise DownloadError(f"{url}: {r.status_code} {r.reason}")
+        try:  # {"type": "file", "path": ..., "size": ..., "lfs": {"oid": sha256, ...}}, or a "directory"
+            listing += [{"file": str(x["path"]), "bytes": int(x["size"]), "sha256": x["lfs"]["oid"] if x.get("lfs") else None}
+                        for x in page if x["type"] == "file"]
+        except (TypeError, KeyError, ValueError):
+            raise DownloadError(f"{url}: not the hub's list of files") from None
+        url = r.links.get("next", {}).get("url")
+    listing.sort(key=lambda f: f["file"])
+    cached.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_write(cached) as f:
+        f.write(json.dumps(listing, indent=1).encode())
+    return listing
 
 
 def web_path(url):
@@ -55,7 +101,7 @@ def download(url, path, sha256=None, size=None, retries=5):
     path = Path(path)
     if path.exists():
         return path
-    if os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on"):
+    if offline():
         raise DownloadError(f"{path} is not cached and HF_HUB_OFFLINE forbids downloading {url}")
     path.parent.mkdir(parents=True, exist_ok=True)
     part = path.with_name(path.name + ".part")

@@ -11,10 +11,17 @@ are switched on per path (the path given to add(), which also covers its CDN res
 cut_after, ignore_range, range_from_zero, wrong_sha, fail_status. Every request is logged in `requests` as
 (server, method, path, range) with server "hub" or "cdn" and path without the leading slash
 (for the CDN, the sha256).
+
+The tree API lists a folder of the files added, as the hub does: GET
+api/datasets/<repo>/tree/main/<folder, quoted> answers a JSON list of {"type": "file", "oid", "size",
+"path", "lfs": {"oid": sha256, "size", "pointerSize"}} (no "lfs" for a plain file) and {"type":
+"directory", ...} entries, page_size at a time, a Link header naming the next page.
 """
 import hashlib
+import json
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from urllib.parse import parse_qs, unquote, urlsplit
 
 
 class HubMirror:
@@ -27,6 +34,7 @@ class HubMirror:
         self.range_from_zero = set()  # paths answered 206 with bytes from 0, whatever range was asked
         self.wrong_sha = set()
         self.fail_status = {}   # path -> status codes answered first, e.g. [503, 503]
+        self.page_size = 1000   # entries per page of the tree API (the hub's)
         self.lock = threading.Lock()
 
     def add(self, path, data, lfs=True):
@@ -70,10 +78,12 @@ class HubMirror:
             file_path = self.blobs.get(path) if server == "cdn" else path
             failures = self.fail_status.get(file_path) if server == "hub" else None
             status = failures.pop(0) if failures else None
-        if file_path not in self.files:
-            return self._reply(h, 404, b"not found", body)
         if status is not None:
             return self._reply(h, status, b"", body)
+        if server == "hub" and path.startswith("api/"):
+            return self._tree(h, path, body)
+        if file_path not in self.files:
+            return self._reply(h, 404, b"not found", body)
         data, lfs = self.files[file_path]
         if server == "hub" and lfs:
             sha = hashlib.sha256(data).hexdigest()
@@ -94,6 +104,35 @@ class HubMirror:
             return self._reply(h, 416, b"", body, {"Content-Range": f"bytes */{len(data)}"})
         return self._reply(h, 206, data[start:stop], body,
                            {"Content-Range": f"bytes {start}-{stop - 1}/{len(data)}"}, cut)
+
+    def _tree(self, h, path, body):
+        kind, _, rest = path.removeprefix("api/").partition("/")
+        repo, _, folder = rest.partition("/tree/main/")
+        folder = unquote(folder)
+        prefix = f"{'' if kind == 'models' else kind + '/'}{repo}/resolve/main/{folder}/"
+        entries = {}
+        for file_path, (data, lfs) in self.files.items():
+            name = file_path.removeprefix(prefix)
+            if name == file_path:
+                continue
+            if "/" in name:
+                sub = f"{folder}/{name.split('/')[0]}"
+                entries[sub] = {"type": "directory", "oid": hashlib.sha1(sub.encode()).hexdigest(), "size": 0,
+                                "path": sub}
+                continue
+            entry = {"type": "file", "oid": hashlib.sha1(b"blob %d\0" % len(data) + data).hexdigest(),
+                     "size": len(data), "path": f"{folder}/{name}"}
+            if lfs:
+                entry["lfs"] = {"oid": hashlib.sha256(data).hexdigest(), "size": len(data), "pointerSize": 134}
+            entries[entry["path"]] = entry
+        if not entries:
+            return self._reply(h, 404, json.dumps({"error": f"{folder} does not exist"}).encode(), body)
+        listing = [entries[p] for p in sorted(entries)]
+        start = int(parse_qs(urlsplit(h.path).query).get("cursor", ["0"])[0])
+        headers = {"Content-Type": "application/json"}
+        if start + self.page_size < len(listing):
+            headers["Link"] = f'<{self.url}/{path}?cursor={start + self.page_size}>; rel="next"'
+        return self._reply(h, 200, json.dumps(listing[start:start + self.page_size]).encode(), body, headers)
 
     @staticmethod
     def _reply(h, status, data, body, headers=None, cut=None):

@@ -524,4 +524,4 @@ def test_script_exits_2_without_traceback(tmp_path, argv, data, message):
 def test_the_named_datasets_are_the_ones_prepare_data_knows():
     """train.py's hint for a missing dataset (data.read_meta) names prepare_data.py's datasets."""
     from lib import datasets
-    assert set(prepare_data.DATASETS) == {*datasets.NAMED_DATASETS, "text"}
+    assert set(prepare_data.NAMES) == {*datasets.NAMED_DATASETS, "text"}
