@@ -128,3 +128,37 @@ def test_the_checks_can_fail():
     text = ("# A title: x.py\n[a](training.md#x) [b](../gpt.py) [c](no-such-page.md) [d](https://e.org/f) "
             "[g](#h) [i](gpt.py) [j](#a-title-xpy) [k](training.md#training-trainpy)")
     assert broken_links(page, text) == ["training.md#x", "no-such-page.md", "#h", "gpt.py"]
+
+
+def setup_commands(text):
+    """The python commands of the README's first setup command (the one that prepares the plays),
+    its lines joined where they end in &&."""
+    lines = code_lines(text)
+    start = next(i for i, line in enumerate(lines) if "prepare_data.py plays" in line or line.rstrip().endswith("&&"))
+    joined = ""
+    for line in lines[start:]:
+        joined += " " + line.strip()
+        if not line.rstrip().endswith("&&"):
+            break
+    return [part.strip() for part in joined.split("&&") if part.strip().startswith("python ")]
+
+
+@pytest.mark.slow
+def test_the_setup_command_trains_and_samples_offline(tmp_path):
+    """The README's first command, its install left out, in a fresh folder with no tiktoken cache
+    and no hub: the shipped plays are prepared, config/cpu_tiny.py trains (shortened here to 20
+    steps), and the sample continues the prompt."""
+    import subprocess
+    commands = setup_commands((ROOT / "README.md").read_text())
+    assert [c.split()[1] for c in commands] == ["prepare_data.py", "train.py", "sample.py"], commands
+    for name in [*SCRIPTS, "gpt.py", "lib", "config"]:
+        (tmp_path / name).symlink_to(ROOT / name)
+    shorter = {"train.py": ["--max_iters=20", "--eval_interval=10", "--eval_iters=2"], "sample.py": ["--max_new_tokens=20"]}
+    env = {**__import__("os").environ, "HF_HUB_OFFLINE": "1", "TIKTOKEN_CACHE_DIR": str(tmp_path / "no-cache")}
+    for command in commands:
+        words = shlex.split(command)
+        done = subprocess.run([sys.executable, *words[1:], *shorter.get(words[1], [])], cwd=tmp_path, env=env,
+                              capture_output=True, text=True, timeout=300)
+        assert done.returncode == 0, (command, done.stderr)
+    assert done.stdout.startswith("ROMEO:") and len(done.stdout) > len("ROMEO:") + 20, done.stdout
+    assert (tmp_path / "data" / "plays" / "meta.json").exists() and (tmp_path / "out-cpu-tiny" / "ckpt.pt").exists()
