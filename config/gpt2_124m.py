@@ -1,5 +1,5 @@
-# GPT-2 small (124M) from scratch on 10B tokens of FineWeb-Edu: the run that llm.c and
-# build-nanogpt use to reproduce GPT-2, with their settings. docs/training.md has the numbers to expect.
+# GPT-2 small (124M) from scratch on 10B tokens of FineWeb-Edu, as build-nanogpt reproduces GPT-2
+# (llm.c runs the same recipe on FineWeb). docs/training.md has the numbers to expect.
 #   python prepare_data.py fineweb-edu                        # 10B tokens in 100M-token shards, about 20 GB
 #   torchrun --standalone --nproc_per_node=8 train.py config/gpt2_124m.py
 #   python train.py config/gpt2_124m.py                       # one GPU: the same steps, 8x the accumulation
