@@ -241,6 +241,29 @@ def make_corpus(path, mb, seed=0):
             f.write(" ".join(words[rng.choice(len(words), 100_000, p=p / p.sum())].tolist()))
 
 
+def make_fineweb(cache, corpus, docs_per_file=4000):
+    """The corpus's paragraphs, six to a page (about 5 kB, FineWeb-Edu's size), as sample/10BT parquet
+    files in a download cache, with the hub's list of them, as prepare_data.py fineweb-edu finds them
+    after a run with --keep_downloads=True: then HF_HUB_OFFLINE=1 reads them with no network."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    with open(corpus) as f:
+        paragraphs = f.read().split("\n\n")
+    pages = ["\n\n".join(paragraphs[i:i + 6]) for i in range(0, len(paragraphs), 6)]
+    folder, listing = os.path.join(cache, "datasets", "HuggingFaceFW", "fineweb-edu", "sample", "10BT"), []
+    os.makedirs(folder)
+    for k, i in enumerate(range(0, len(pages), docs_per_file)):
+        name = f"sample/10BT/{k:03d}_00000.parquet"
+        pq.write_table(pa.table({"text": pages[i:i + docs_per_file]}), os.path.join(folder, os.path.basename(name)),
+                       row_group_size=1000)
+        path = os.path.join(folder, os.path.basename(name))
+        listing.append({"file": name, "bytes": os.path.getsize(path), "sha256": files.file_sha256(path)})
+    os.makedirs(os.path.join(cache, "listings", "datasets", "HuggingFaceFW", "fineweb-edu", "sample"))
+    with open(os.path.join(cache, "listings", "datasets", "HuggingFaceFW", "fineweb-edu", "sample", "10BT.json"), "w") as f:
+        json.dump(listing, f)
+    return pages
+
+
 def run_reporting_peak_rss(code, *args):
     """Run python -c code args; (its output, its peak RSS in bytes). The child reads its own VmHWM:
     its ru_maxrss would start from this (larger) process's size, which Linux carries over at exec."""
@@ -252,11 +275,13 @@ def run_reporting_peak_rss(code, *args):
     return r.stdout, int(r.stdout.split("VmHWM")[-1]) * 1024
 
 
-def bench_tokenize(mb=200, repeat=2):
+def bench_tokenize(mb=200, repeat=2, fineweb_mb=100):
     """prepare_data.py text on a generated corpus of mb MB (its whole main(): reading, splitting,
     tokenizing, writing; all cores) against tiktoken's encode_ordinary_batch alone on the same
     paragraphs (all cores; reading and splitting not counted), and the peak RSS of the former.
-    The two alternate repeat times and each keeps its best, so a busy machine hurts both alike."""
+    The two alternate repeat times and each keeps its best, so a busy machine hurts both alike.
+    Then prepare_data.py fineweb-edu, the same way, on fineweb_mb MB of it in parquet files (from the
+    cache, offline), against encode_ordinary_batch on the pages."""
     import tiktoken
     workers, enc = os.cpu_count(), tiktoken.get_encoding("gpt2")
     with tempfile.TemporaryDirectory() as d:
@@ -286,6 +311,29 @@ def bench_tokenize(mb=200, repeat=2):
         runs = [(tiktoken_alone(), prepare_data_script()) for _ in range(repeat)]
         (seconds, tokens), (seconds_ours, tokens_ours, peak) = min(r[0] for r in runs), min(r[1] for r in runs)
         _, peak_import = run_reporting_peak_rss("import prepare_data")
+
+        make_corpus(corpus, fineweb_mb)
+        pages = make_fineweb(os.path.join(d, "cache"), corpus)
+        pages_mb = sum(map(len, pages)) / 1e6
+
+        def tiktoken_pages():  # and an EOT per page
+            t0 = time.perf_counter()
+            count = sum(map(len, enc.encode_ordinary_batch(pages, num_threads=workers))) + len(pages)
+            return time.perf_counter() - t0, count
+
+        def prepare_data_fineweb():
+            driver = (f"import os; os.environ.update(GPT2REF_CACHE={os.path.join(d, 'cache')!r}, HF_HUB_OFFLINE='1'); "
+                      "import sys, time, prepare_data; t = time.perf_counter(); prepare_data.main(sys.argv[1:]); "
+                      "print('seconds', time.perf_counter() - t)")
+            out, fw_peak = run_reporting_peak_rss(driver, "fineweb-edu", f"--out_dir={os.path.join(d, 'fw')}",
+                                                  f"--workers={workers}", "--force", "--keep_downloads=True",
+                                                  f"--shard_tokens={fineweb_mb * 25_000}")  # ~10 shards
+            with open(os.path.join(d, "fw", "meta.json")) as f:
+                fw_tokens = sum(split["tokens"] for split in json.load(f)["splits"].values())
+            return float(out.split("seconds")[1].split()[0]), fw_tokens, fw_peak
+
+        runs = [(tiktoken_pages(), prepare_data_fineweb()) for _ in range(repeat)]
+        (fw_raw, fw_raw_tokens), (fw_seconds, fw_tokens, fw_peak) = min(r[0] for r in runs), min(r[1] for r in runs)
     return [("corpus", size / 1e6, "MB"),
             (f"tiktoken encode_ordinary_batch, {workers} threads", size / 1e6 / seconds, "MB/s"),
             ("tiktoken tokens/s", tokens / seconds / 1e6, "M tokens/s"),
@@ -293,7 +341,12 @@ def bench_tokenize(mb=200, repeat=2):
             ("prepare_data.py tokens/s (incl. EOT)", tokens_ours / seconds_ours / 1e6, "M tokens/s"),
             ("prepare_data.py vs tiktoken", seconds / seconds_ours, "x"),
             ("prepare_data.py peak RSS", peak / 2**20, "MiB"),
-            ("  of which importing it (torch, tiktoken)", peak_import / 2**20, "MiB")]
+            ("  of which importing it (torch, tiktoken)", peak_import / 2**20, "MiB"),
+            ("fineweb-edu pages, in parquet files", pages_mb, "MB"),
+            (f"tiktoken encode_ordinary_batch on them, {workers} threads", fw_raw_tokens / fw_raw / 1e6, "M tokens/s"),
+            (f"prepare_data.py fineweb-edu, {workers} workers", fw_tokens / fw_seconds / 1e6, "M tokens/s"),
+            ("prepare_data.py fineweb-edu vs tiktoken", fw_raw / fw_seconds, "x"),
+            ("prepare_data.py fineweb-edu peak RSS", fw_peak / 2**20, "MiB")]
 
 
 def bench_train(steps=5, n_layer=6, n_head=6, n_embd=384, block_size=256, batch_size=8):
@@ -729,6 +782,7 @@ DEFAULTS = {
     "out": "bench.json",        # where the figures go
     "generate_new_tokens": 256,  # >= 1; tokens generated per timed run, after a 16-token prompt
     "tokenize_mb": 200,         # >= 1; size of the generated corpus
+    "tokenize_fineweb_mb": 100,  # >= 1; size of the generated corpus then read as FineWeb-Edu parquet files
     "finetune_n_layer": 24,     # >= 1; 24 is GPT-2 medium's depth
     "train_steps": 5,           # >= 1; timed training steps
     "loss_nanogpt": "",         # the path of nanoGPT's model.py, to train it beside ours; "": ours alone

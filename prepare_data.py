@@ -489,7 +489,8 @@ def fineweb_sources():
     try:
         listing = downloads.hub_folder(FINEWEB_REPO, FINEWEB_FOLDER, repo_type="dataset")
     except downloads.DownloadError as e:
-        cli.fail(f"{e}. Without it: HF_ENDPOINT=<a mirror of the hub>")
+        cli.fail(f"{e}. Without it: HF_ENDPOINT=<a mirror of the hub>, or HF_HUB_OFFLINE=1 after a run with "
+                 f"--keep_downloads=True")
     sources = [{"repo": FINEWEB_REPO, **f} for f in listing if f["file"].endswith(".parquet")]
     if not sources:
         cli.fail(f"the hub lists no parquet files in {FINEWEB_REPO}/{FINEWEB_FOLDER}")
@@ -515,8 +516,10 @@ def fineweb_documents(sources, start, keep):
 
 
 def human(n):
-    return next(f"{n / scale:.1f} {unit}" for scale, unit in ((1e9, "GB"), (1e6, "MB"), (1e3, "kB"), (1, "bytes"))
-                if abs(n) >= scale or unit == "bytes")
+    for scale, unit in ((1e9, "GB"), (1e6, "MB"), (1e3, "kB")):
+        if abs(n) >= scale:
+            return f"{n / scale:.1f} {unit}"
+    return f"{n} bytes"
 
 
 def check_disk(needs):
@@ -533,9 +536,8 @@ def check_disk(needs):
     for disk in disks.values():
         if disk["need"] > disk["free"]:
             cli.fail(f"not enough disk space: {' and '.join(disk['names'])} need {human(disk['need'])} and the disk "
-                     f"has {human(disk['free'])} "
-                     f"free; free some space, ask for fewer tokens with --max_tokens, or set --out_dir (the shards) "
-                     f"or GPT2REF_CACHE (the downloads) to a bigger disk")
+                     f"has {human(disk['free'])} free; free some space, ask for fewer tokens with --max_tokens, or "
+                     f"set --out_dir (the shards) or GPT2REF_CACHE (the downloads) to a bigger disk")
 
 
 def write_shards(out_dir, meta, sources, start, size, enc, workers, keep, bar):
@@ -581,7 +583,7 @@ def fineweb(cfg, enc, out_dir, current, workers):
     same settings from the same files, check the disk, then stream the rest into shards."""
     shard_tokens, max_tokens, keep = cfg["shard_tokens"], cfg["max_tokens"], cfg["keep_downloads"]
     record = {} if cfg["force"] else load_record(out_dir, current)
-    if "splits" in record and record.get("max_tokens") == max_tokens and all(intact(s, out_dir) for s in record["shards"]):
+    if "splits" in record and record["max_tokens"] == max_tokens and all(intact(s, out_dir) for s in record["shards"]):
         print(f"{out_dir} is already prepared (--force to redo it)")
         return
     sources = fineweb_sources()
@@ -594,7 +596,8 @@ def fineweb(cfg, enc, out_dir, current, workers):
 
     kept = []  # the complete shards of the earlier run that this one wants, from the first on
     for s in record.get("shards", []):
-        if s["file"] != shard_name(len(kept)) or not s["tokens"] == size(len(kept)) == shard_tokens or not intact(s, out_dir):
+        if s["file"] != shard_name(len(kept)) or not s["tokens"] == size(len(kept)) == shard_tokens \
+                or not intact(s, out_dir):
             break
         kept.append(s)
     stale = [p for p in out_dir.iterdir() if re.fullmatch(r"(val|train(_\d+)?)\.bin(\.tmp)?", p.name)  # .tmp: kill -9
@@ -602,14 +605,17 @@ def fineweb(cfg, enc, out_dir, current, workers):
     start, more = kept[-1]["end"] if kept else [0, 0, 0], size(len(kept)) > 0
 
     # the disk: the shards still to write, and one parquet file at a time (all of them with --keep_downloads)
-    total = shard_tokens + max_tokens if max_tokens else round(TOKENS_PER_PARQUET_BYTE * sum(s["bytes"] for s in sources))
+    corpus_bytes = sum(s["bytes"] for s in sources)
+    total = shard_tokens + max_tokens if max_tokens else round(TOKENS_PER_PARQUET_BYTE * corpus_bytes)
     shard_bytes = max(total - sum(s["tokens"] for s in kept), 0) * datasets.token_dtype(enc.n_vocab).itemsize
-    to_fetch = [s["bytes"] for s in sources[start[0]:] if more and not downloads.hub_path(s["repo"], s["file"], "dataset").exists()]
+    to_fetch = [s["bytes"] for s in sources[start[0]:] if more and
+                not downloads.hub_path(s["repo"], s["file"], "dataset").exists()]
     parquet_bytes = sum(to_fetch) if keep else max(to_fetch, default=0)
     cache = downloads.hub_path(FINEWEB_REPO, FINEWEB_FOLDER, "dataset")
-    print(f"fineweb-edu: {len(sources)} files of {FINEWEB_REPO}/{FINEWEB_FOLDER} ({human(sum(s['bytes'] for s in sources))}); "
-          f"{'' if max_tokens else 'about '}{total:,} tokens, {len(kept)} shards done; the disk needs "
-          f"{human(shard_bytes)} for shards in {out_dir} and {human(parquet_bytes)} for downloads in {cache}")
+    print(f"fineweb-edu: {len(sources)} files of {FINEWEB_REPO}/{FINEWEB_FOLDER}, {human(corpus_bytes)}: "
+          f"{'about ' if not max_tokens else ''}{total:,} tokens with val, {len(kept)} shards of them done")
+    print(f"the disk needs {human(shard_bytes)} for shards in {out_dir} and {human(parquet_bytes)} for "
+          f"{'the downloads' if keep else 'one download at a time'} in {cache}")
     check_disk({out_dir: shard_bytes - sum(p.stat().st_size for p in stale), cache: parquet_bytes})
 
     for p in stale:  # shards of an earlier run that this one does not keep: the loader would read them
@@ -635,8 +641,8 @@ def fineweb(cfg, enc, out_dir, current, workers):
     write_json(out_dir / "meta.json", meta)
     (out_dir / "meta.json.partial").unlink()
     for split, entry in meta["splits"].items():
-        print(f"{out_dir}: {split}, {entry['tokens']:,} tokens of {entry['documents']:,} documents in "
-              f"{', '.join(entry['files']) if len(entry['files']) < 3 else entry['files'][0] + ' to ' + entry['files'][-1]}")
+        names = entry["files"] if len(entry["files"]) < 3 else [entry["files"][0], "...", entry["files"][-1]]
+        print(f"{split}: {entry['tokens']:,} tokens of {entry['documents']:,} documents in {', '.join(names)}")
 
 
 def main(argv=None):
@@ -654,7 +660,8 @@ def main(argv=None):
     except (ValueError, downloads.DownloadError) as e:
         cli.fail(str(e))
     workers = cfg["workers"] or os.cpu_count()
-    plan = DATASETS[cfg["dataset"]](cfg) if cfg["dataset"] in DATASETS else None  # checks --input before any folder is made
+    # each split's sources and reader (fineweb-edu streams instead: see fineweb()); checks --input before any folder is made
+    plan = DATASETS[cfg["dataset"]](cfg) if cfg["dataset"] in DATASETS else None
     out_dir = Path(os.path.expanduser(cfg["out_dir"]) or Path("data") / cfg["dataset"])
     cli.writable_dir(out_dir)
     current = settings(cfg, enc)

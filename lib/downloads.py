@@ -67,8 +67,8 @@ def hub_folder(repo, folder, repo_type="model"):
         if r.status_code != 200:
             raise DownloadError(f"{url}: {r.status_code} {r.reason}")
         try:  # {"type": "file", "path": ..., "size": ..., "lfs": {"oid": sha256, ...}}, or a "directory"
-            listing += [{"file": str(x["path"]), "bytes": int(x["size"]), "sha256": x["lfs"]["oid"] if x.get("lfs") else None}
-                        for x in page if x["type"] == "file"]
+            listing += [{"file": str(x["path"]), "bytes": int(x["size"]),
+                         "sha256": x["lfs"]["oid"] if x.get("lfs") else None} for x in page if x["type"] == "file"]
         except (TypeError, KeyError, ValueError):
             raise DownloadError(f"{url}: not the hub's list of files") from None
         url = r.links.get("next", {}).get("url")

@@ -117,7 +117,8 @@ def test_shards_are_tiktokens_stream_with_eot_before_each_document(tmp_path, ser
     assert meta["splits"]["val"] == {"files": ["val.bin"], "tokens": S,
                                      "documents": int(np.count_nonzero(stream[:S] == GPT2.eot_token))}
     assert meta["splits"]["train"]["tokens"] == len(stream) - S
-    assert meta["splits"]["val"]["documents"] + meta["splits"]["train"]["documents"] == sum(len(t) for _, t in files.values())
+    documents = sum(len(texts) for _, texts in files.values())
+    assert meta["splits"]["val"]["documents"] + meta["splits"]["train"]["documents"] == documents
     assert (meta["options"], meta["max_tokens"], meta["dtype"]) == ({"shard_tokens": S}, 0, "uint16")
     assert not (tmp_path / "out" / "meta.json.partial").exists()
 
@@ -270,7 +271,7 @@ def test_disk_space_is_checked_before_any_download(tmp_path, served, corpus, mon
     assert cdn_gets(served) == [] and not list((tmp_path / "out").iterdir())
     monkeypatch.setattr(prepare_data.shutil, "disk_usage", lambda path: usage(10**12, 0, need))
     run(tmp_path / "out", "--max_tokens=2500")
-    assert "the disk needs 7.0 kB for shards" in capsys.readouterr().out
+    assert "the disk needs 7.0 kB for shards" in capsys.readouterr().out  # (1000 + 2500) x 2 bytes
 
 
 # ----------------------------------------------------------------------------- mistakes
@@ -346,7 +347,8 @@ def test_one_shard_split_draws_as_before(tmp_path):
     for split in ("train", "val"):
         datasets.write_tokens(tmp_path / "d" / f"{split}.bin", tokens_, 50257)
     x, _ = datasets.batch_loader(str(tmp_path / "d"), 4, 16, "cpu", seed=5)("train", 2, 1)
-    starts = torch.randint(3000 - 16, (4,), generator=torch.Generator().manual_seed(datasets.seed_for(5, "train", 2, 1)))
+    gen = torch.Generator().manual_seed(datasets.seed_for(5, "train", 2, 1))
+    starts = torch.randint(3000 - 16, (4,), generator=gen)
     assert x.tolist() == [tokens_[s:s + 16].tolist() for s in starts.tolist()]
 
 
