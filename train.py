@@ -43,7 +43,7 @@ eval_limit = 0            # >= 0; only the first N examples of each eval task (W
 wandb_log = False
 wandb_project = "gpt2ref"
 wandb_run_name = "train"
-# data: data_dir/dataset/{train,val}.bin and meta.json, from prepare_data.py
+# data: data_dir/dataset/{train,val}.bin (or numbered shards, train_000001.bin, ...) and meta.json, from prepare_data.py
 dataset = "tinystories"
 data_dir = "data"
 batch_size = 8            # >= 1

@@ -233,6 +233,11 @@ PREPARE = [
     (["text", "--workers=-1"], "--workers=-1 is out of range"),
     (["text"], "text needs --input=FILE"),
     (["text", "--input={root}/alpaca.json", "--out_dir=/proc/nope"], "cannot write to --out_dir=/proc/nope"),
+    (["text", "--keep_downloads=True"], "--keep_downloads applies to fineweb-edu, not text"),
+    (["fineweb-edu", "--max_tokens=1.5"], "--max_tokens=1.5 is not a whole number of tokens"),
+    (["fineweb-edu", "--shard_tokens=0"], "--shard_tokens=0.0 is out of range: it must be [1, 2147483647]"),
+    (["fineweb-edu", "--out_dir={root}/fw"], "the list of files in HuggingFaceFW/fineweb-edu/sample/10BT is not "
+                                             "cached and HF_HUB_OFFLINE forbids asking the hub"),
 ]
 
 BENCH = [
