@@ -55,7 +55,10 @@ def hub_folder(repo, folder, repo_type="model"):
         if not cached.exists():
             raise DownloadError(f"the list of files in {repo}/{folder} is not cached and HF_HUB_OFFLINE "
                                 f"forbids asking the hub")
-        return json.loads(cached.read_text())
+        try:
+            return json.loads(cached.read_text())
+        except ValueError:
+            raise DownloadError(f"{cached} is damaged: delete it, and list the files again with a network") from None
     url = f"{hub_endpoint()}/api/{repo_type}s/{repo}/tree/main/{quote(folder, safe='')}"
     listing = []
     while url:
