@@ -497,6 +497,17 @@ def test_a_run_resumes_on_another_number_of_processes(data_dir, tmp_path, one_pr
     np.testing.assert_allclose(losses(tmp_path), one_process, rtol=0, atol=1e-5)
 
 
+@pytest.mark.slow
+def test_total_batch_size_keeps_the_step_on_any_number_of_processes(data_dir, tmp_path, one_process):
+    """--total_batch_size=256 is 2 micro-batches of 4 x 32: 1 each on 2 processes, then 2 on 1 process
+    after the resume; the run logs the one-process run's losses."""
+    first = run([*SPLITS, "--max_iters=5", "--total_batch_size=256"], data_dir, tmp_path, nproc=2)
+    assert "256 tokens per step (2 process(es) x 1 micro-batch(es) of 4 x 32) x 5 steps = 1,280 tokens" in first.stdout
+    resumed = run(["--init_from=resume", "--max_iters=10"], data_dir, tmp_path, tiny=False)
+    assert "256 tokens per step (1 process(es) x 2 micro-batch(es) of 4 x 32)" in resumed.stdout
+    np.testing.assert_allclose(losses(tmp_path), one_process, rtol=0, atol=1e-5)
+
+
 def test_a_resume_that_cannot_split_the_step_names_the_process_counts_that_can(capsys):
     ckpt = {"world_size": 1, "config": {"gradient_accumulation_steps": 3}}
     with pytest.raises(SystemExit) as e:
