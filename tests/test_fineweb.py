@@ -148,7 +148,7 @@ def test_every_stream_position_is_recorded_where_a_shard_ends(tmp_path, served, 
 
 def test_max_tokens_bounds_train_and_leaves_val_alone(tmp_path, served, corpus):
     files, stream = corpus
-    run(tmp_path / "out", "--max_tokens=2500")
+    run(tmp_path / "out", "--max_tokens=2500", "--workers=1")  # one worker: little read ahead
     got = shards(tmp_path / "out")
     assert got == {"val.bin": stream[:S].tolist(), "train_000001.bin": stream[S:2 * S].tolist(),
                    "train_000002.bin": stream[2 * S:3 * S].tolist(), "train_000003.bin": stream[3 * S:3500].tolist()}
@@ -185,7 +185,7 @@ def test_stopped_run_carries_on_from_its_last_shard_byte_identical(tmp_path, ser
 
     monkeypatch.setattr(prepare_data, "fineweb_documents", stopped)
     with pytest.raises(KeyboardInterrupt):
-        run(tmp_path / "out")
+        run(tmp_path / "out", "--workers=1")  # little read ahead: shards are written before the stop
     out = tmp_path / "out"
     partial = json.loads((out / "meta.json.partial").read_text())
     done = [s["file"] for s in partial["shards"]]
@@ -209,7 +209,7 @@ def test_stopped_run_carries_on_from_its_last_shard_byte_identical(tmp_path, ser
 
 def test_dropped_connection_stops_with_one_line_and_the_rerun_carries_on(tmp_path, served, corpus, capsys):
     served.fail_status[BASE + NAMES[1]] = [503] * 5  # the downloader's five tries all fail
-    expect_fail(capsys, ["fineweb-edu", f"--out_dir={tmp_path / 'out'}", f"--shard_tokens={S}"],
+    expect_fail(capsys, ["fineweb-edu", f"--out_dir={tmp_path / 'out'}", f"--shard_tokens={S}", "--workers=1"],
                 "failed after 5 tries", "The finished shards are kept: run the same command again to carry on")
     partial = json.loads((tmp_path / "out" / "meta.json.partial").read_text())
     assert partial["shards"] and all(s["end"][0] == 0 for s in partial["shards"])
@@ -225,7 +225,8 @@ def test_killed_process_carries_on_byte_identical(tmp_path, served, corpus):
     served.fail_status[BASE + NAMES[2]] = [503] * 3
     env = {**os.environ, "HF_ENDPOINT": served.url, "GPT2REF_CACHE": str(tmp_path / "cache")}
     driver = "import sys, prepare_data; prepare_data.BATCH_CHARS = 2000; prepare_data.main(sys.argv[1:])"
-    argv = [sys.executable, "-c", driver, "fineweb-edu", f"--out_dir={tmp_path / 'out'}", f"--shard_tokens={S}"]
+    argv = [sys.executable, "-c", driver, "fineweb-edu", f"--out_dir={tmp_path / 'out'}", f"--shard_tokens={S}",
+            "--workers=1"]
     proc = subprocess.Popen(argv, env=env, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     third = BASE + NAMES[2]
     deadline = time.monotonic() + 120
