@@ -40,13 +40,14 @@ def muon_params(model):
 
 
 class MuonAdamW(tuple):
-    """(Muon, AdamW), stepped as one optimizer. The distributed state-dict functions of
-    lib/checkpoints.py take the pair as a list of optimizers (one state, keyed by parameter name);
-    GradScaler takes it as one optimizer, so a float16 overflow skips both steps."""
+    """(Muon, AdamW), stepped as one optimizer; (Muon,) where nothing else trains (LoRA adapters).
+    The distributed state-dict functions of lib/checkpoints.py take it as a list of optimizers
+    (one state, keyed by parameter name); GradScaler takes it as one optimizer, so a float16
+    overflow skips every step."""
 
     @property
     def param_groups(self):
-        return self[0].param_groups + self[1].param_groups
+        return [group for optimizer in self for group in optimizer.param_groups]
 
     def step(self):
         for optimizer in self:
@@ -77,8 +78,8 @@ def make_optimizer(model, learning_rate, weight_decay, betas, device, optimizer=
     # means the same step size for both optimizers, and the warmup and cosine schedule, which
     # train_step gives every group, carries over. Torch's default would want a learning rate some
     # 10-50x AdamW's. Momentum: torch's 0.95, with Nesterov, as Muon's authors use it.
-    return MuonAdamW((torch.optim.Muon(muon, lr=learning_rate, weight_decay=weight_decay,
-                                       adjust_lr_fn="match_rms_adamw"), adamw))
+    muon = torch.optim.Muon(muon, lr=learning_rate, weight_decay=weight_decay, adjust_lr_fn="match_rms_adamw")
+    return MuonAdamW((muon, adamw) if params else (muon,))  # an AdamW of empty groups upsets the state-dict functions
 
 
 def make_scaler(device, dtype):

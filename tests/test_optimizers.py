@@ -21,10 +21,9 @@ LINEARS = ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj")  # the four m
 
 
 def owners(optimizer):
-    """{parameter name: "muon" or "adamw"} from the optimizer's own groups."""
-    muon, adamw = optimizer
-    return {id(p): kind for kind, opt in (("muon", muon), ("adamw", adamw))
-            for group in opt.param_groups for p in group["params"]}
+    """{id(parameter): "muon" or "adamw"} from the optimizers' own groups."""
+    return {id(p): "muon" if isinstance(opt, torch.optim.Muon) else "adamw"
+            for opt in optimizer for group in opt.param_groups for p in group["params"]}
 
 
 @pytest.mark.parametrize("variant", ["gpt2", "rope_swiglu", "lora"])
@@ -38,7 +37,7 @@ def test_muon_owns_the_blocks_matrices_and_adamw_the_rest(variant):
     else:
         matrices = {f"transformer.h.{i}.{lin}.weight" for i in range(2) for lin in LINEARS}
     optimizer = training.make_optimizer(model, 1e-3, 0.1, (0.9, 0.95), "cpu", "muon")
-    assert isinstance(optimizer[0], torch.optim.Muon) and isinstance(optimizer[1], torch.optim.AdamW)
+    assert [type(opt) for opt in optimizer] == [torch.optim.Muon] + [torch.optim.AdamW] * (variant != "lora")
     owner = owners(optimizer)
     trainable = {name: p for name, p in model.named_parameters() if p.requires_grad}
     assert len(owner) == sum(len(g["params"]) for g in optimizer.param_groups)  # no tensor in two groups
@@ -221,7 +220,7 @@ def test_train_py_with_muon_resumes_exactly(data_dir, tmp_path):
     whole, halves = read_log(tmp_path / "whole"), read_log(tmp_path / "halves")
     assert [(r["loss"], r["lr"]) for r in halves[0]] == [(r["loss"], r["lr"]) for r in whole[0]]  # to the bit
     assert [r["val_loss"] for r in halves[1]] == [r["val_loss"] for r in whole[1]]
-    assert whole[1][-1]["val_loss"] < whole[1][0]["val_loss"] - 0.5
+    assert whole[1][-1]["val_loss"] < whole[1][0]["val_loss"] - 0.1
 
 
 @pytest.mark.slow
@@ -236,7 +235,7 @@ def test_two_ddp_processes_equal_one_accumulating_twice(data_dir, tmp_path):
 
 @pytest.mark.slow
 def test_a_lora_fine_tune_with_muon_trains_and_resumes_exactly(hub, tmp_path, monkeypatch):  # noqa: F811
-    """Muon takes the adapters' A and B matrices, all that trains: AdamW has nothing to do."""
+    """Muon takes the adapters' A and B matrices, all that trains: there is no AdamW."""
     straight, stopped = tmp_path / "straight", tmp_path / "stopped"
     finetune(straight, *MODES["lora"], "--optimizer=muon")
     log = log_without_timing(straight / "log.jsonl")
