@@ -27,7 +27,7 @@ import numpy as np
 import torch
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from lib import benchmarks, cli, files, measure, processes, speed, training
+from lib import benchmarks, cli, datasets, files, measure, processes, speed, training
 import gpt
 from gpt import GPT, GPTConfig
 
@@ -771,14 +771,117 @@ def bench_eval(hellaswag_examples=24, wikitext_tokens=4096, batch_size=16):
     return rows
 
 
+def reaches(steps_at, losses, target):
+    """The step at which held-out losses measured at steps_at first come down to target, linearly
+    interpolated between two measurements; None if they never do."""
+    for i, loss in enumerate(losses):
+        if loss <= target:
+            if i == 0:
+                return steps_at[0]
+            s0, s1, l0 = steps_at[i - 1], steps_at[i], losses[i - 1]
+            return s0 + (s1 - s0) * (l0 - target) / (l0 - loss)
+    return None
+
+
+def plot_optimizers(path, steps_at, curves, target, reached):
+    """Both optimizers' held-out losses, each seed thin and their mean thick, with AdamW's final loss."""
+    from matplotlib.figure import Figure  # no pyplot: no GUI backend, no global figure list
+    fig = Figure(figsize=(8, 5))
+    ax = fig.subplots()
+    for (name, runs), color in zip(curves.items(), ("tab:blue", "tab:orange")):
+        for losses in runs:
+            ax.plot(steps_at, losses, color=color, alpha=0.3, linewidth=1)
+        ax.plot(steps_at, np.mean(runs, axis=0), color=color, linewidth=2.5, marker="o",
+                label=f"{name}, mean of {len(runs)} seeds")
+    ax.axhline(target, color="gray", linestyle="--", linewidth=1, label="AdamW's final loss")
+    if reached is not None:
+        ax.axvline(reached, color="tab:orange", linestyle=":", linewidth=1,
+                   label=f"Muon reaches it: step {reached:.0f}")
+    ax.set(xlabel="step", ylabel="held-out loss (nats per token, the whole val split)",
+           ylim=(target - 0.6, target + 2.5), title="AdamW vs Muon, cpu_tiny: the same initial weights and batches")
+    ax.legend()
+    with files.atomic_write(path) as f:
+        fig.savefig(f, format="png", dpi=90)
+
+
+def bench_optimizers(dataset="plays", steps=200, seeds=3, adamw_lr=2e-3, muon_lr=8e-3, eval_interval=40,
+                     plot="optimizers.png"):
+    """AdamW against Muon (issue 29) at config/cpu_tiny.py's shape, batch, dropout, warmup, weight
+    decay and beta2: for each seed, one initial model trained `steps` steps by each, on the same
+    batches with the same dropout masks (both are functions of the seed), AdamW at adamw_lr and
+    Muon (--optimizer=muon: AdamW keeps the embeddings, biases and gains) at muon_lr, each the
+    best of a sweep at these steps (docs/benchmarks.md), each with warmup and a cosine to a tenth
+    of it over the steps. The held-out loss
+    is the whole val split of data/<dataset>, every token scored once in windows of block_size
+    (eval.py --tasks=val's scorer), every eval_interval steps. The two step in turn, so a busy
+    machine slows both alike; a step's time is the median. The curves go to `plot`. Goal: Muon
+    reaches AdamW's final loss in at most 0.75x the steps at no more than 1.15x the time per step."""
+    tiny = cli.run_config_file(os.path.join(os.path.dirname(os.path.abspath(__file__)), "config", "cpu_tiny.py"))
+    folder = os.path.join("data", dataset)
+    meta = datasets.read_meta(folder, tiny["block_size"])
+    config = GPTConfig(block_size=tiny["block_size"], vocab_size=meta["vocab_size"], n_layer=tiny["n_layer"],
+                       n_head=tiny["n_head"], n_embd=tiny["n_embd"], dropout=tiny["dropout"])
+    task = benchmarks.load_task("val", datasets.get_tokenizer(meta["tokenizer"]), config, stride=config.block_size,
+                                data=folder)
+    lrs = {"AdamW": adamw_lr, "Muon": muon_lr}
+    steps_at = sorted({*range(0, steps, eval_interval), steps})
+    curves, seconds = {name: [] for name in lrs}, {name: [] for name in lrs}
+    scaler = training.make_scaler("cpu", "float32")
+    for seed in range(seeds):
+        torch.manual_seed(seed)
+        start = GPT(config)
+        get_batch = datasets.batch_loader(folder, tiny["batch_size"], config.block_size, "cpu", seed)
+        runs = {}
+        for name, lr in lrs.items():
+            model = copy.deepcopy(start)
+            runs[name] = model, training.make_optimizer(model, lr, tiny["weight_decay"], (0.9, tiny["beta2"]), "cpu",
+                                                        name.lower())  # beta1: train.py's
+            curves[name].append([])
+        for it in range(steps + 1):
+            for name, (model, optimizer) in runs.items():
+                if it in steps_at:
+                    curves[name][-1].append(benchmarks.run_task(model, task, batch_size=32)["loss"])
+                if it == steps:
+                    continue
+                lr = training.lr_at(it, lrs[name], lrs[name] / 10, tiny["warmup_iters"], steps)
+                t0 = time.perf_counter()
+                training.train_step(model, optimizer, scaler, get_batch, it, lr, seed=seed)
+                seconds[name].append(time.perf_counter() - t0)
+        print(f"seed {seed}: final held-out loss " + ", ".join(f"{name} {curves[name][-1][-1]:.3f}" for name in lrs),
+              flush=True)
+    mean = {name: np.mean(runs, axis=0) for name, runs in curves.items()}
+    target = mean["AdamW"][-1]
+    reached = reaches(steps_at, mean["Muon"], target)
+    per_seed = [reaches(steps_at, muon, adamw[-1]) for muon, adamw in zip(curves["Muon"], curves["AdamW"])]
+    plot_optimizers(plot, steps_at, curves, target, reached)
+    step_time = {name: statistics.median(t) for name, t in seconds.items()}
+    rows = []
+    for i, s in enumerate(steps_at):
+        rows += [(f"held-out loss at step {s}: {name}, mean of {seeds}", mean[name][i], "nats") for name in lrs]
+    for name in lrs:
+        final = [run[-1] for run in curves[name]]
+        rows += [(f"{name} final held-out loss, lowest seed", min(final), "nats"),
+                 (f"{name} final held-out loss, highest seed", max(final), "nats")]
+    rows.append(("Muon's final held-out loss less AdamW's, mean", mean["Muon"][-1] - target, "nats"))
+    if reached is not None:
+        rows += [(f"steps Muon takes to AdamW's final loss (of {steps}; mean curves)", reached, "steps"),
+                 ("the same, as a share of AdamW's steps (goal <= 0.75)", reached / steps, "x")]
+    if all(r is not None for r in per_seed):
+        rows += [("the same seed by seed, lowest", min(per_seed), "steps"),
+                 ("the same seed by seed, highest", max(per_seed), "steps")]
+    rows += [(f"{name} time per step (median)", 1000 * step_time[name], "ms") for name in lrs]
+    rows.append(("Muon vs AdamW time per step (goal <= 1.15)", step_time["Muon"] / step_time["AdamW"], "x"))
+    return rows
+
+
 BENCHES = {"generate": bench_generate, "finetune": bench_finetune, "tokenize": bench_tokenize, "train": bench_train,
-           "loss": bench_loss,
+           "loss": bench_loss, "optimizers": bench_optimizers,
            "parallel": bench_parallel, "eval": bench_eval}
 
 # ----------------------------------------------------------------------------- defaults
 # A note like `>= 1` or `[0, 1)` after a setting is its range, which lib/cli.py enforces.
 DEFAULTS = {
-    "only": "",                 # sections, comma-separated: generate, finetune, tokenize, train, parallel, eval; "": all
+    "only": "",                 # sections, comma-separated, of BENCHES above (generate, train, optimizers, ...); "": all
     "out": "bench.json",        # where the figures go
     "generate_new_tokens": 256,  # >= 1; tokens generated per timed run, after a 16-token prompt
     "tokenize_mb": 200,         # >= 1; size of the generated corpus
@@ -792,6 +895,13 @@ DEFAULTS = {
     "eval_hellaswag_examples": 24,  # >= 1; synthetic HellaSwag examples (4 requests each)
     "eval_wikitext_tokens": 4096,   # >= 2; the synthetic WikiText stream, in windows of 1024 moving by 512
     "eval_batch_size": 16,      # >= 1; requests per forward pass in run_task, eval.py's default
+    "optimizers_dataset": "plays",  # the prepared data/<name> to train on and score the whole val split of
+    "optimizers_steps": 200,    # >= 1; steps each optimizer trains, per seed
+    "optimizers_seeds": 3,      # >= 1; initial models (and batch orders), each trained by both
+    "optimizers_adamw_lr": 2e-3,  # > 0; AdamW's learning rate
+    "optimizers_muon_lr": 8e-3,  # > 0; Muon's (match_rms_adamw: in AdamW's units), for the AdamW part too
+    "optimizers_eval_interval": 40,  # >= 1; steps between held-out losses (each scores the whole val split)
+    "optimizers_plot": "optimizers.png",  # both curves, beside bench.json by default
 }
 # -----------------------------------------------------------------------------
 
