@@ -1,6 +1,6 @@
 """--optimizer=muon: which tensors Muon and AdamW own, one step against a hand computation,
 accumulation against a larger batch, exact resume, 2 DDP processes against 1, LoRA, and the
-one-line refusals (FSDP, a change of optimizer on resume, a torch without Muon)."""
+one-line refusals (FSDP, a change of optimizer on resume, a torch without Muon); compile."""
 import copy
 import io
 import math
@@ -14,7 +14,7 @@ import train
 from gpt import GPT, GPTConfig, apply_lora
 from lib import checkpoints, training
 from test_finetune_alpaca import MODES, finetune, hub, log_without_timing  # noqa: F401 (a fixture)
-from test_train import SPLITS, data_dir, losses, read_log, run  # noqa: F401 (a fixture)
+from test_train import SPLITS, TINY, data_dir, losses, read_log, run  # noqa: F401 (a fixture)
 
 SMALL = dict(block_size=16, vocab_size=64, n_layer=2, n_head=2, n_embd=16)
 LINEARS = ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj")  # the four matrices of a block
@@ -202,14 +202,21 @@ def test_a_torch_without_muon_is_one_line_naming_the_version(monkeypatch, capsys
 
 
 def test_resume_cannot_change_the_optimizer(data_dir, tmp_path, capsys):
-    train.main(["--dataset=toy", f"--data_dir={data_dir}", f"--out_dir={tmp_path}", "--max_iters=2",
-                "--eval_interval=2", "--n_layer=1", "--n_head=2", "--n_embd=16", "--block_size=16",
-                "--batch_size=2", "--eval_iters=1", "--sample_tokens=0", "--device=cpu", "--dtype=float32",
-                "--peak_flops=1e12", "--warmup_iters=0"])
+    train.main([*TINY, f"--data_dir={data_dir}", f"--out_dir={tmp_path}", "--max_iters=2", "--eval_interval=2"])
     capsys.readouterr()
     err = fails(train.main, ["--init_from=resume", f"--out_dir={tmp_path}", "--optimizer=muon", "--max_iters=4"],
                 capsys)
     assert "was trained with optimizer='adamw'; resuming cannot change that to optimizer='muon'" in err
+
+
+@pytest.mark.slow
+def test_a_compiled_model_trains_as_the_plain_one(data_dir, tmp_path, monkeypatch):
+    compile_ = torch.compile  # the eager backend wraps the model as inductor does, without the C++ build
+    monkeypatch.setattr(torch, "compile", lambda model: compile_(model, backend="eager"))
+    args = [*TINY, f"--data_dir={data_dir}", "--max_iters=3", "--eval_interval=3", "--optimizer=muon"]
+    train.main([*args, f"--out_dir={tmp_path / 'plain'}"])
+    train.main([*args, f"--out_dir={tmp_path / 'compiled'}", "--compile=True"])
+    np.testing.assert_allclose(losses(tmp_path / "compiled"), losses(tmp_path / "plain"), rtol=0, atol=1e-5)
 
 
 @pytest.mark.slow
