@@ -320,8 +320,9 @@ def test_wandb_gets_the_numbers_when_asked(data_dir, tmp_path, monkeypatch, caps
                 "--eval_interval=2"])
     assert calls[0] == ("init", "gpt2ref", 2) and calls[-1] == ("finish",)
     logged = [c for c in calls if c[0] == "log"]
-    assert [step for _, step, _ in logged] == [0, 0, 1, 2]  # eval 0, iter 0, iter 1, eval 2
+    assert [step for _, step, _ in logged] == [0, 0, 1, 1, 2]  # eval 0, iter 0, iter 1, the estimate, eval 2
     assert "val_loss" in logged[0][2] and "loss" in logged[1][2] and "sample" not in logged[0][2]
+    assert "estimated_seconds_left" in logged[3][2]
 
 
 def start(args, data_dir, out_dir, nproc=1):
