@@ -231,13 +231,17 @@ def test_train_py_with_muon_resumes_exactly(data_dir, tmp_path):
 
 
 @pytest.mark.slow
-def test_two_ddp_processes_equal_one_accumulating_twice(data_dir, tmp_path):
+def test_two_ddp_processes_equal_one_accumulating_twice_and_resume_on_one(data_dir, tmp_path):
     """Each process takes one of a step's two micro-batches; DDP averages the gradients, and every
-    process orthogonalizes the same whole matrices."""
+    process orthogonalizes the same whole matrices. Stopped at iteration 5 and resumed on one
+    process, the run goes on as one process would have."""
     run([*SPLITS, "--optimizer=muon", "--gradient_accumulation_steps=2"], data_dir, tmp_path / "one")
     result = run([*SPLITS, "--optimizer=muon"], data_dir, tmp_path / "two", nproc=2)
     assert "2 process(es) (DDP)" in result.stdout
     np.testing.assert_allclose(losses(tmp_path / "two"), losses(tmp_path / "one"), rtol=0, atol=1e-4)
+    run([*SPLITS, "--optimizer=muon", "--max_iters=5"], data_dir, tmp_path / "resumed", nproc=2)
+    run(["--init_from=resume", "--max_iters=10"], data_dir, tmp_path / "resumed", tiny=False)
+    np.testing.assert_allclose(losses(tmp_path / "resumed"), losses(tmp_path / "one"), rtol=0, atol=1e-4)
 
 
 @pytest.mark.slow
