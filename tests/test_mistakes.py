@@ -244,6 +244,8 @@ BENCH = [
     (["--train_steps=0"], "--train_steps=0 is out of range"),
     (["--parallel_steps=0"], "--parallel_steps=0 is out of range"),
     (["--only=nope"], "unknown section 'nope'"),
+    (["--optimizers_muon_lr=0"], "--optimizers_muon_lr=0.0 is out of range: it must be > 0"),
+    (["--only=optimizers", "--optimizers_dataset=nope"], "no dataset in data/nope (meta.json is missing)"),
 ]
 
 CASES = ([("train", train.main, toy, args, words) for args, words in TRAIN]

@@ -265,3 +265,26 @@ def test_a_lora_fine_tune_with_muon_trains_and_resumes_exactly(hub, tmp_path, mo
     monkeypatch.setattr(training, "train_step", real_step)
     finetune_alpaca.main([f"--out_dir={stopped}", "--init_from=resume"])
     assert log_without_timing(stopped / "log.jsonl") == log  # bit for bit
+
+
+def test_reaches_interpolates_between_evaluations():
+    import bench
+    assert bench.reaches([0, 40, 80], [10.0, 6.0, 5.0], 5.5) == 60  # halfway from 6.0 down to 5.0
+    assert bench.reaches([0, 40, 80], [10.0, 6.0, 5.0], 6.0) == 40
+    assert bench.reaches([0, 40, 80], [10.0, 6.0, 5.0], 4.0) is None
+    assert bench.reaches([0, 40], [3.0, 2.0], 5.0) == 0
+
+
+@pytest.mark.slow
+def test_the_bench_section_trains_both_from_the_same_start_and_plots(data_dir, tmp_path, monkeypatch):
+    """bench.py --only=optimizers at 4 steps on the toy data: both start from one model (the same
+    loss at step 0, scored over the whole val split), both move, and the plot is written."""
+    import bench
+    (tmp_path / "data").symlink_to(data_dir)
+    monkeypatch.chdir(tmp_path)
+    rows = {what: value for what, value, _ in bench.bench_optimizers("toy", steps=4, seeds=2, eval_interval=2)}
+    start = [v for what, v in rows.items() if what.startswith("held-out loss at step 0:")]
+    end = [v for what, v in rows.items() if what.startswith("held-out loss at step 4:")]
+    assert len(start) == 2 and start[0] == start[1] and all(loss < start[0] - 0.1 for loss in end)
+    assert rows["Muon vs AdamW time per step (goal <= 1.15)"] > 0
+    assert (tmp_path / "optimizers.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
