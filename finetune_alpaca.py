@@ -317,7 +317,7 @@ def main(argv=None):
         print(f"{mode} of {c.init_from}: {trainable / 1e6:.2f}M of {total / 1e6:.2f}M parameters train; "
               f"{len(splits['train'])} training, {len(splits['val'])} validation examples; "
               f"{world_size} process(es) ({processes.split_name(world_size, sharded)}) on {device}, {dtype}\n"
-              f"{processes.held_per_process(model)}")
+              f"{processes.held_per_process(model, optimizer)}")
 
     def checkpoint(it, evaluated=True):
         """Every process takes part (FSDP gathers the shards); rank 0 writes."""

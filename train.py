@@ -208,7 +208,7 @@ def main(argv=None):
         print(f"{model.num_params() / 1e6:.2f}M parameters, {world_size} process(es) ({split}) on {device}, {dtype}, "
               f"peak {peak / 1e12:.3f} TFLOP/s for MFU\n{tokens_per_iter:,} tokens per step ({world_size} "
               f"process(es) x {micro}) x {c.max_iters:,} steps = {tokens_per_iter * c.max_iters:,} tokens\n"
-              f"{processes.held_per_process(model)}", flush=True)
+              f"{processes.held_per_process(model, optimizer)}", flush=True)
 
     def checkpoint(it, evaluated=True):
         """Every process takes part (FSDP gathers the shards); rank 0 writes."""

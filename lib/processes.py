@@ -107,17 +107,22 @@ def split_name(world_size, sharded):
     return "FSDP" if sharded else "DDP" if world_size > 1 else "one process"
 
 
-def held_per_process(model):
+def held_per_process(model, optimizer=None):
     """The line saying what this process holds, in MiB: the weights (parameters and buffers), their
-    gradients and AdamW's two moments; whole under DDP, a 1/world_size shard of each under FSDP."""
+    gradients and the optimizer's state, AdamW's two moments per trainable weight (Muon's one
+    momentum buffer per matrix it owns, given a training.MuonAdamW); whole under DDP, a
+    1/world_size shard of each under FSDP."""
     def local(t):
         return t.to_local() if hasattr(t, "to_local") else t  # an FSDP parameter is a DTensor
     def mib(tensors):
         return sum(local(t).numel() * local(t).element_size() for t in tensors) / 2 ** 20
     trainable = [p for p in model.parameters() if p.requires_grad]
     weights = mib(model.parameters()) + mib(b for _, b in model.named_buffers())
+    optimizers = optimizer if isinstance(optimizer, tuple) else (optimizer,)
+    muon = [p for opt in optimizers if isinstance(opt, torch.optim.Muon) for g in opt.param_groups for p in g["params"]]
+    names = " and ".join(type(opt).__name__ for opt in optimizers) if optimizer is not None else "AdamW"
     return (f"per process: weights {weights:,.1f} MiB, gradients {mib(trainable):,.1f} MiB, "
-            f"AdamW state {2 * mib(trainable):,.1f} MiB")
+            f"{names} state {2 * mib(trainable) - mib(muon):,.1f} MiB")
 
 
 def mean_over_ranks(value, world_size):

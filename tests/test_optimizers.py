@@ -12,7 +12,7 @@ import torch
 import finetune_alpaca
 import train
 from gpt import GPT, GPTConfig, apply_lora
-from lib import checkpoints, training
+from lib import checkpoints, processes, training
 from test_finetune_alpaca import MODES, finetune, hub, log_without_timing  # noqa: F401 (a fixture)
 from test_train import SPLITS, TINY, data_dir, losses, read_log, run  # noqa: F401 (a fixture)
 
@@ -288,3 +288,18 @@ def test_the_bench_section_trains_both_from_the_same_start_and_plots(data_dir, t
     assert len(start) == 2 and start[0] == start[1] and all(loss < start[0] - 0.1 for loss in end)
     assert rows["Muon vs AdamW time per step (goal <= 1.15)"] > 0
     assert (tmp_path / "optimizers.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.mark.parametrize("variant", ["adamw", "muon", "lora"])
+def test_the_start_up_line_counts_one_buffer_per_muon_weight_and_two_per_adamw_weight(variant):
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(**SMALL))
+    if variant == "lora":
+        apply_lora(model, 2, 4.0)
+    optimizer = training.make_optimizer(model, 1e-3, 0.1, (0.9, 0.95), "cpu", "adamw" if variant == "adamw" else "muon")
+    line = processes.held_per_process(model, optimizer)
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    matrices = sum(p.numel() for n, p in model.named_parameters() if p.requires_grad and n.startswith("transformer.h.")
+                   and p.dim() == 2) if variant != "adamw" else 0
+    names = {"adamw": "AdamW", "muon": "Muon and AdamW", "lora": "Muon"}[variant]
+    assert line.endswith(f", {names} state {4 * (2 * trainable - matrices) / 2 ** 20:,.1f} MiB"), line
