@@ -186,6 +186,23 @@ def test_bfloat16_autocast_trains_with_muon():
     assert last < first - 0.3
 
 
+def test_a_float16_overflow_skips_the_steps_of_both_optimizers():
+    """GradScaler takes MuonAdamW as one optimizer: gradients that overflow leave every weight as
+    it was, Muon's and AdamW's; the scale then drops, and the next step moves them all."""
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(**SMALL))
+    start = copy.deepcopy(model)
+    optimizer = training.make_optimizer(model, 1e-2, 0.1, (0.9, 0.95), "cpu", "muon")
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 127)  # the scaled loss overflows float32
+    x, y = torch.randint(0, 64, (4, 16)), torch.randint(0, 64, (4, 16))
+    training.train_step(model, optimizer, scaler, lambda *key: (x, y), 0, 1e-2)
+    assert all(torch.equal(p, q) for p, q in zip(model.parameters(), start.parameters()))
+    assert scaler.get_scale() < 2.0 ** 127
+    scaler.update(2.0 ** 10)
+    training.train_step(model, optimizer, scaler, lambda *key: (x, y), 1, 1e-2)
+    assert all(not torch.equal(p, q) for p, q in zip(model.parameters(), start.parameters()))
+
+
 def fails(main, args, capsys):
     with pytest.raises(SystemExit) as e:
         main(args)
