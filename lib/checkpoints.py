@@ -4,8 +4,6 @@ from dataclasses import asdict
 
 import torch
 import torch.distributed as dist
-from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict, get_optimizer_state_dict,
-                                                     set_model_state_dict, set_optimizer_state_dict)
 
 from lib import logs
 from lib.cli import configure, fail
@@ -66,12 +64,17 @@ def load(path):
     return ckpt
 
 
-FULL = StateDictOptions(full_state_dict=True, cpu_offload=True)
+def state_dicts():
+    """torch's state-dict functions for DDP and FSDP, imported on first use: the import takes
+    0.6 s, which sample.py, eval.py and export.py, never saving a run, need not wait for."""
+    from torch.distributed.checkpoint import state_dict
+    return state_dict
 
 
 def full_model_state(model):
     """The model's state dict, whole, on the CPU of rank 0 (see full_state)."""
-    return get_model_state_dict(model, options=FULL)
+    sd = state_dicts()
+    return sd.get_model_state_dict(model, options=sd.StateDictOptions(full_state_dict=True, cpu_offload=True))
 
 
 def full_state(model, optimizer, trainable_only=False):
@@ -79,12 +82,14 @@ def full_state(model, optimizer, trainable_only=False):
     run is one process, DDP or FSDP: every process calls it, FSDP's shards are processes.gathered. The
     optimizer's state is keyed by parameter name, so a run split another way can load it.
     trainable_only: the model's trainable parameters alone (a LoRA run's adapters)."""
-    options = StateDictOptions(full_state_dict=True, cpu_offload=True, ignore_frozen_params=trainable_only)
-    model_state = get_model_state_dict(model, options=options)
+    sd = state_dicts()
+    options = sd.StateDictOptions(full_state_dict=True, cpu_offload=True, ignore_frozen_params=trainable_only)
+    model_state = sd.get_model_state_dict(model, options=options)
     if trainable_only:  # the frozen embedding's tied twin, lm_head.weight, is not left out by the option
         trainable = {name for name, p in model.named_parameters() if p.requires_grad}
         model_state = {name: t for name, t in model_state.items() if name in trainable}
-    return model_state, get_optimizer_state_dict(model, optimizer, options=FULL)
+    full = sd.StateDictOptions(full_state_dict=True, cpu_offload=True)
+    return model_state, sd.get_optimizer_state_dict(model, optimizer, options=full)
 
 
 def run_state(optimizer_state, scaler, it, best_val_loss, cfg, model, tokenizer, log_path, *, script, world_size,
@@ -111,10 +116,11 @@ def restore(ckpt, model, optimizer, scaler, log_path, write_files=True):
         return 0, float("inf")
     distributed = dist.is_initialized()
     reads = not distributed or dist.get_rank() == 0
-    options = StateDictOptions(full_state_dict=True, broadcast_from_rank0=distributed)
+    sd = state_dicts()
+    options = sd.StateDictOptions(full_state_dict=True, broadcast_from_rank0=distributed)
     if distributed and "model" in ckpt:  # not in a LoRA fine-tune's: every process read its few MB of adapters
-        set_model_state_dict(model, ckpt["model"] if reads else {}, options=options)
-    set_optimizer_state_dict(model, optimizer, ckpt["optimizer"] if reads else {}, options=options)
+        sd.set_model_state_dict(model, ckpt["model"] if reads else {}, options=options)
+    sd.set_optimizer_state_dict(model, optimizer, ckpt["optimizer"] if reads else {}, options=options)
     if ckpt["scaler"]:  # empty when saved without float16
         scaler.load_state_dict(ckpt["scaler"])
     if write_files:

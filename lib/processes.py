@@ -5,7 +5,6 @@ from contextlib import contextmanager
 
 import torch
 import torch.distributed as dist
-from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from lib.cli import fail
@@ -81,6 +80,7 @@ def shard_model(model, device, dtype):
     matrix stays one parameter). On CUDA with bfloat16 the weights are gathered in bfloat16 and the
     gradients reduced in float32: a MixedPrecisionPolicy does what autocast does elsewhere. Returns
     the dtype to autocast to."""
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard  # here: a 0.5 s import only FSDP runs need
     policy, autocast_dtype = MixedPrecisionPolicy(), dtype
     if device.startswith("cuda") and dtype == "bfloat16":
         policy, autocast_dtype = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32), "float32"
