@@ -515,7 +515,8 @@ def fineweb_documents(sources, start, keep):
             path.unlink()
 
 
-def human(n):
+def size_text(n):
+    """A number of bytes as a person reads it: 28.5 GB, 200.0 MB."""
     for scale, unit in ((1e9, "GB"), (1e6, "MB"), (1e3, "kB")):
         if abs(n) >= scale:
             return f"{n / scale:.1f} {unit}"
@@ -535,8 +536,8 @@ def check_disk(needs):
         disk["names"].append(str(folder))
     for disk in disks.values():
         if disk["need"] > disk["free"]:
-            cli.fail(f"not enough disk space: {' and '.join(disk['names'])} need {human(disk['need'])} and the disk "
-                     f"has {human(disk['free'])} free; free some space, ask for fewer tokens with --max_tokens, or "
+            cli.fail(f"not enough disk space: {' and '.join(disk['names'])} need {size_text(disk['need'])} and the "
+                     f"disk has {size_text(disk['free'])} free; free some space, ask for fewer tokens with --max_tokens, or "
                      f"set --out_dir (the shards) or GPT2REF_CACHE (the downloads) to a bigger disk")
 
 
@@ -612,9 +613,9 @@ def fineweb(cfg, enc, out_dir, current, workers):
                 not downloads.hub_path(s["repo"], s["file"], "dataset").exists()]
     parquet_bytes = sum(to_fetch) if keep else max(to_fetch, default=0)
     cache = downloads.hub_path(FINEWEB_REPO, FINEWEB_FOLDER, "dataset")
-    print(f"fineweb-edu: {len(sources)} files of {FINEWEB_REPO}/{FINEWEB_FOLDER}, {human(corpus_bytes)}: "
+    print(f"fineweb-edu: {len(sources)} files of {FINEWEB_REPO}/{FINEWEB_FOLDER}, {size_text(corpus_bytes)}: "
           f"{'about ' if not max_tokens else ''}{total:,} tokens with val, {len(kept)} shards of them done")
-    print(f"the disk needs {human(shard_bytes)} for shards in {out_dir} and {human(parquet_bytes)} for "
+    print(f"the disk needs {size_text(shard_bytes)} for shards in {out_dir} and {size_text(parquet_bytes)} for "
           f"{'the downloads' if keep else 'one download at a time'} in {cache}")
     check_disk({out_dir: shard_bytes - sum(p.stat().st_size for p in stale), cache: parquet_bytes})
 

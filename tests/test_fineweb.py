@@ -268,7 +268,7 @@ def test_disk_space_is_checked_before_any_download(tmp_path, served, corpus, mon
     monkeypatch.setattr(prepare_data.shutil, "disk_usage", lambda path: usage(10**12, 0, need - 1))
     err = expect_fail(capsys, ["fineweb-edu", f"--out_dir={tmp_path / 'out'}", f"--shard_tokens={S}",
                                "--max_tokens=2500"], "not enough disk space", "--max_tokens", "GPT2REF_CACHE")
-    assert f"need {prepare_data.human(need)} and the disk has {prepare_data.human(need - 1)} free" in err
+    assert f"need {prepare_data.size_text(need)} and the disk has {prepare_data.size_text(need - 1)} free" in err
     assert cdn_gets(served) == [] and not list((tmp_path / "out").iterdir())
     monkeypatch.setattr(prepare_data.shutil, "disk_usage", lambda path: usage(10**12, 0, need))
     run(tmp_path / "out", "--max_tokens=2500")
