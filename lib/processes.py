@@ -118,9 +118,9 @@ def held_per_process(model, optimizer=None):
         return sum(local(t).numel() * local(t).element_size() for t in tensors) / 2 ** 20
     trainable = [p for p in model.parameters() if p.requires_grad]
     weights = mib(model.parameters()) + mib(b for _, b in model.named_buffers())
-    optimizers = optimizer if isinstance(optimizer, tuple) else (optimizer,)
-    muon = [p for opt in optimizers if isinstance(opt, torch.optim.Muon) for g in opt.param_groups for p in g["params"]]
-    names = " and ".join(type(opt).__name__ for opt in optimizers) if optimizer is not None else "AdamW"
+    pair = isinstance(optimizer, tuple)  # a MuonAdamW, Muon first; never torch.optim.Muon by name, absent before 2.9
+    muon = [p for group in optimizer[0].param_groups for p in group["params"]] if pair else []
+    names = " and ".join(type(opt).__name__ for opt in optimizer) if pair else "AdamW"
     return (f"per process: weights {weights:,.1f} MiB, gradients {mib(trainable):,.1f} MiB, "
             f"{names} state {2 * mib(trainable) - mib(muon):,.1f} MiB")
 
